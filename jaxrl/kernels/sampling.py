@@ -1,0 +1,497 @@
+"""Fused token sampler: logits -> (token, log-prob, entropy), one streaming kernel per row.
+
+Semantics (shared bit for bit by the Pallas kernel and the pure-jnp reference):
+
+* ``z`` = logits in float32, ``x = z / T`` per row. ``T == 0`` means greedy (then ``x = z``).
+* Entropy ``H = -sum_v p_v log p_v`` with ``p = softmax(x)`` over the FULL vocabulary (no
+  top-k/top-p). Greedy rows report the entropy at T = 1.
+* Kept set ``K = {v : key(z_v) >= threshold}`` where ``key`` is a monotone int32 map of the
+  float bit pattern. Top-k (``0 < k < V``) first: the threshold is the k-th largest logit;
+  then top-p (``p < 1``) on the top-k-renormalised distribution: the largest logit value ``u``
+  such that the probability mass of ``{z >= u}`` (within the top-k set) is at least ``p``
+  times the top-k mass. Thresholds are found by a binary search over the 2^32 key values
+  (32 counting / mass-summing passes), never by sorting. **Ties**: every token whose logit
+  equals the threshold is kept, so top-k may keep more than k tokens when logits tie.
+* Token: Gumbel-max, ``argmax_{v in K} x_v + g_v`` (lowest index wins exact ties), with
+  ``g_v = -log(-log(u_v))`` and ``u_v`` from a counter-based integer hash of
+  (key words, row, v) — see :func:`gumbel_noise`. Greedy rows use ``g = 0`` (argmax of z).
+* Log-prob of the chosen token under the distribution actually sampled:
+  ``x_c - logsumexp_{v in K} x_v``. Greedy rows report 0 (the degenerate distribution).
+* A row with no finite logit returns token 0, log-prob 0, entropy 0.
+
+Noise/key contract: ``key_data`` is uint32 ``[2]`` (shared by all rows; the row index is hashed
+in) or uint32 ``[B, 2]`` (one pair per row, the row index is still hashed in). Build it with
+:func:`make_key_data` from a jax PRNG key and the decode step. When calling under
+``shard_map`` with per-shard row indices, pass per-row ``[B, 2]`` words derived from global
+row ids, otherwise shards draw identical noise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_NEG_INF = float("-inf")
+
+
+def _i32(value: int) -> int:
+    """The int32 with the same 32 bits as the unsigned constant ``value``."""
+    return int(np.array(value, dtype=np.uint32).view(np.int32))
+
+
+_GOLDEN = _i32(0x9E3779B9)
+_MIX_1 = _i32(0x85EBCA6B)
+_MIX_2 = _i32(0xC2B2AE35)
+_INDEX_MUL = _i32(0x27D4EB2F)
+# key(-inf) and key(+inf) under _monotone_key.
+_KEY_NEG_INF = -2139095041
+_KEY_POS_INF = 2139095040
+_SEARCH_STEPS = 32  # enough to shrink the interval [key(-inf), key(+inf) + 1] to width 1
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """murmur3 finaliser on int32 bit patterns (wrapping arithmetic, logical shifts)."""
+    h = h ^ lax.shift_right_logical(h, 16)
+    h = h * _MIX_1
+    h = h ^ lax.shift_right_logical(h, 13)
+    h = h * _MIX_2
+    return h ^ lax.shift_right_logical(h, 16)
+
+
+def _row_seeds(seed0: jax.Array, seed1: jax.Array, row: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two int32 per-row hash words from the key words and the (global) row index."""
+    first = _fmix32(seed0 ^ _fmix32(seed1 + row * _GOLDEN))
+    second = _fmix32(first + _GOLDEN)
+    return first, second
+
+
+def _gumbel_from_seeds(first: jax.Array, second: jax.Array, vocab_index: jax.Array) -> jax.Array:
+    """float32 Gumbel(0, 1) noise for each vocab index, from 23 hash bits per entry."""
+    h = _fmix32(_fmix32((vocab_index * _INDEX_MUL) ^ first) + second)
+    mantissa = lax.shift_right_logical(h, 9).astype(jnp.float32)
+    uniform = (mantissa + 0.5) * (1.0 / (1 << 23))  # in [2^-24, 1 - 2^-24]: never 0 or 1
+    return -jnp.log(-jnp.log(uniform))
+
+
+def gumbel_noise(key_data: jax.Array, num_rows: int, vocab_size: int) -> jax.Array:
+    """The exact noise the sampler adds: float32 [num_rows, vocab_size].
+
+    key_data: uint32 [2] or [num_rows, 2] (see module docstring).
+    """
+    seed0, seed1 = _per_row_key_words(key_data, num_rows)
+    first, second = _row_seeds(seed0[:, None], seed1[:, None], jnp.arange(num_rows)[:, None])
+    return _gumbel_from_seeds(first, second, jnp.arange(vocab_size, dtype=jnp.int32)[None, :])
+
+
+def make_key_data(key: jax.Array, step: jax.Array | int) -> jax.Array:
+    """uint32 [2] sampler key words for one decode step from a jax PRNG key (any impl)."""
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return jax.random.bits(jax.random.fold_in(key, step), (2,), jnp.uint32)
+
+
+def _per_row_key_words(key_data: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Two int32 [num_rows] key words from uint32 [2] or [num_rows, 2] key data."""
+    key_data = jnp.asarray(key_data)
+    if key_data.dtype != jnp.uint32:
+        raise TypeError(f"key_data must be uint32, got {key_data.dtype}")
+    if key_data.shape == (2,):
+        key_data = jnp.broadcast_to(key_data, (num_rows, 2))
+    if key_data.shape != (num_rows, 2):
+        raise ValueError(f"key_data must have shape [2] or [{num_rows}, 2], got {key_data.shape}")
+    words = lax.bitcast_convert_type(key_data, jnp.int32)
+    return words[:, 0], words[:, 1]
+
+
+def _monotone_key(z: jax.Array) -> jax.Array:
+    """int32 key with key(a) < key(b) iff a < b for non-NaN float32 (-0.0 treated as +0.0)."""
+    z = jnp.where(z == 0.0, 0.0, z)
+    bits = lax.bitcast_convert_type(z, jnp.int32)
+    return bits ^ (lax.shift_right_arithmetic(bits, 31) & 0x7FFFFFFF)
+
+
+def _midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """floor((lo + hi) / 2) for int32 without overflow."""
+    return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+
+
+def _row_controls(temperature, top_k, top_p, vocab_size):
+    """Per-row (greedy, effective temperature, top-k active, top-p active); any broadcastable shape."""
+    greedy = temperature <= 0.0
+    t_eff = jnp.where(greedy, 1.0, temperature).astype(jnp.float32)
+    use_top_k = (~greedy) & (top_k > 0) & (top_k < vocab_size)
+    use_top_p = (~greedy) & (top_p < 1.0)
+    return greedy, t_eff, use_top_k, use_top_p
+
+
+def _finish(greedy, m, s, t, kept_max, kept_sum, chosen_x):
+    """(log-prob, entropy) from full-vocab stats (m, s, t) and kept-set stats; guards empty rows."""
+    has_mass = s > 0.0
+    entropy = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1.0)) - t / jnp.where(has_mass, s, 1.0), 0.0)
+    kept_ok = (kept_sum > 0.0) & (~greedy)
+    kept_lse = jnp.where(kept_ok, kept_max, 0.0) + jnp.log(jnp.where(kept_ok, kept_sum, 1.0))
+    logprob = jnp.where(kept_ok, chosen_x - kept_lse, 0.0)
+    return logprob, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (pure jnp, whole rows at once)
+# ----------------------------------------------------------------------------------------------
+
+
+def _binary_search_reference(predicate, active):
+    """Largest int32 key u in [key(-inf), key(+inf)] with predicate(u) (monotone, true at
+    key(-inf)); key(-inf) where not ``active``. predicate: int32 [B] -> bool [B]."""
+    lo0 = jnp.full(active.shape, _KEY_NEG_INF, jnp.int32)
+    hi0 = jnp.full(active.shape, _KEY_POS_INF + 1, jnp.int32)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = _midpoint(lo, hi)
+        ok = predicate(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = lax.fori_loop(0, _SEARCH_STEPS, step, (lo0, hi0))
+    return jnp.where(active, lo, _KEY_NEG_INF)
+
+
+@jax.jit
+def sample_tokens_reference(logits, key_data, temperature, top_k, top_p):
+    """Pure-jnp sampler with the kernel's semantics and noise (see module docstring).
+
+    logits: float32/bf16 [B, V]; key_data: uint32 [2] or [B, 2]; temperature: float32 [B]
+    (0 = greedy); top_k: int32 [B] (0 or >= V = off); top_p: float32 [B] (1 = off).
+    Returns tokens int32 [B], logprobs float32 [B] (nats), entropies float32 [B] (nats).
+    """
+    num_rows, vocab_size = logits.shape
+    z = logits.astype(jnp.float32)
+    greedy, t_eff, use_top_k, use_top_p = _row_controls(
+        temperature[:, None], top_k[:, None], top_p[:, None], vocab_size
+    )
+    x = z / t_eff
+    finite = x > _NEG_INF
+
+    m = jnp.max(x, axis=1, keepdims=True)
+    m_safe = jnp.where(m > _NEG_INF, m, 0.0)
+    e = jnp.exp(x - m_safe)
+    s = jnp.sum(e, axis=1, keepdims=True)
+    t = jnp.sum(jnp.where(finite, e * (x - m_safe), 0.0), axis=1, keepdims=True)
+
+    keys = _monotone_key(z)
+    k_active = use_top_k[:, 0]
+    thr_k = lax.cond(
+        jnp.any(k_active),
+        lambda: _binary_search_reference(
+            lambda u: jnp.sum(keys >= u[:, None], axis=1) >= top_k, k_active
+        ),
+        lambda: jnp.full((num_rows,), _KEY_NEG_INF, jnp.int32),
+    )
+
+    def mass_above(u):
+        kept = keys >= jnp.maximum(u, thr_k)[:, None]
+        return jnp.sum(jnp.where(kept, e, 0.0), axis=1)
+
+    p_active = use_top_p[:, 0]
+
+    def search_top_p():
+        mass_k = mass_above(thr_k)
+
+        def enough_mass(u):
+            mass = mass_above(u)
+            return (mass >= top_p * mass_k) & (mass > 0.0)
+
+        return _binary_search_reference(enough_mass, p_active)
+
+    thr_p = lax.cond(
+        jnp.any(p_active), search_top_p, lambda: jnp.full((num_rows,), _KEY_NEG_INF, jnp.int32)
+    )
+    threshold = jnp.maximum(thr_k, thr_p)[:, None]
+
+    kept = keys >= threshold
+    noise = jnp.where(greedy, 0.0, gumbel_noise(key_data, num_rows, vocab_size))
+    score = jnp.where(kept, x + noise, _NEG_INF)
+    tokens = jnp.argmax(score, axis=1).astype(jnp.int32)
+    kept_x = jnp.where(kept, x, _NEG_INF)
+    kept_max = jnp.max(kept_x, axis=1, keepdims=True)
+    kept_max_safe = jnp.where(kept_max > _NEG_INF, kept_max, 0.0)
+    kept_sum = jnp.sum(jnp.exp(kept_x - kept_max_safe), axis=1, keepdims=True)
+    chosen_x = jnp.take_along_axis(x, tokens[:, None], axis=1)
+    logprob, entropy = _finish(greedy, m, s, t, kept_max_safe, kept_sum, chosen_x)
+    return tokens, logprob[:, 0], entropy[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pallas kernel: one program per block of rows, streaming vocabulary tiles
+# ----------------------------------------------------------------------------------------------
+
+
+def _sampling_kernel(
+    logits_ref,  # [R, V_in] logits (V_in = V, or V rounded up to block_v when padded)
+    row_ints_ref,  # [R, 4] int32: seed0, seed1, top_k, unused
+    row_floats_ref,  # [R, 2] float32: temperature, top_p
+    token_ref,  # [R, 1] int32
+    logprob_ref,  # [R, 1] float32
+    entropy_ref,  # [R, 1] float32
+    *,
+    vocab_size: int,
+    block_v: int,
+    num_tiles: int,
+    masked_tail: bool,
+):
+    rows_per_block = token_ref.shape[0]
+    shape = (rows_per_block, 1)
+    row = pl.program_id(0) * rows_per_block + lax.broadcasted_iota(jnp.int32, shape, 0)
+    seed0 = row_ints_ref[:, 0:1]
+    seed1 = row_ints_ref[:, 1:2]
+    top_k = row_ints_ref[:, 2:3]
+    temperature = row_floats_ref[:, 0:1]
+    top_p = row_floats_ref[:, 1:2]
+    greedy, t_eff, use_top_k, use_top_p = _row_controls(temperature, top_k, top_p, vocab_size)
+    first, second = _row_seeds(seed0, seed1, row)
+    lane = lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
+
+    def load_tile(j):
+        """(vocab index [1, block_v], z [R, block_v] f32 with -inf beyond the vocab)."""
+        start = j * block_v
+        index = start + lane
+        in_vocab = index < vocab_size
+        window = logits_ref.at[:, pl.ds(pl.multiple_of(start, block_v), block_v)]
+        if masked_tail:
+            mask = jnp.broadcast_to(in_vocab, (rows_per_block, block_v))
+            raw = plgpu.load(window, mask=mask, other=_NEG_INF)
+        else:
+            raw = window[...]
+        z = jnp.where(in_vocab, raw.astype(jnp.float32), _NEG_INF)
+        return index, z
+
+    zeros_f = jnp.zeros(shape, jnp.float32)
+    neg_inf = jnp.full(shape, _NEG_INF, jnp.float32)
+
+    # Pass 1: full-vocab online max m, s = sum e^{x-m}, t = sum e^{x-m}(x-m).
+    def stats_body(j, carry):
+        m, s, t = carry
+        _, z = load_tile(j)
+        x = z / t_eff
+        m_new = jnp.maximum(m, jnp.max(x, axis=1, keepdims=True))
+        m_safe = jnp.where(m_new > _NEG_INF, m_new, 0.0)
+        scale = jnp.exp(m - m_safe)
+        shift = jnp.where(s > 0.0, m - m_safe, 0.0)
+        e = jnp.exp(x - m_safe)
+        t = scale * (t + shift * s) + jnp.sum(
+            jnp.where(x > _NEG_INF, e * (x - m_safe), 0.0), axis=1, keepdims=True
+        )
+        s = scale * s + jnp.sum(e, axis=1, keepdims=True)
+        return m_new, s, t
+
+    m, s, t = lax.fori_loop(0, num_tiles, stats_body, (neg_inf, zeros_f, zeros_f))
+    m_safe = jnp.where(m > _NEG_INF, m, 0.0)
+
+    def reduce_tiles(tile_fn, init):
+        return lax.fori_loop(0, num_tiles, lambda j, acc: acc + tile_fn(*load_tile(j)), init)
+
+    def binary_search(predicate, active):
+        lo0 = jnp.full(shape, _KEY_NEG_INF, jnp.int32)
+        hi0 = jnp.full(shape, _KEY_POS_INF + 1, jnp.int32)
+
+        def step(_, bounds):
+            lo, hi = bounds
+            mid = _midpoint(lo, hi)
+            ok = predicate(mid)
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+        lo, _ = lax.fori_loop(0, _SEARCH_STEPS, step, (lo0, hi0))
+        return jnp.where(active, lo, _KEY_NEG_INF)
+
+    def any_row(flags):
+        return jnp.max(flags.astype(jnp.int32)) > 0
+
+    no_threshold = jnp.full(shape, _KEY_NEG_INF, jnp.int32)
+
+    def count_at_least(u):
+        def tile_count(_, z):
+            return jnp.sum((_monotone_key(z) >= u).astype(jnp.int32), axis=1, keepdims=True)
+
+        return reduce_tiles(tile_count, jnp.zeros(shape, jnp.int32))
+
+    thr_k = lax.cond(
+        any_row(use_top_k),
+        lambda: binary_search(lambda u: count_at_least(u) >= top_k, use_top_k),
+        lambda: no_threshold,
+    )
+
+    def mass_above(u):
+        floor = jnp.maximum(u, thr_k)
+
+        def tile_mass(_, z):
+            e = jnp.exp(z / t_eff - m_safe)
+            return jnp.sum(jnp.where(_monotone_key(z) >= floor, e, 0.0), axis=1, keepdims=True)
+
+        return reduce_tiles(tile_mass, zeros_f)
+
+    def search_top_p():
+        mass_k = mass_above(thr_k)
+
+        def enough_mass(u):
+            mass = mass_above(u)
+            return (mass >= top_p * mass_k) & (mass > 0.0)
+
+        return binary_search(enough_mass, use_top_p)
+
+    thr_p = lax.cond(any_row(use_top_p), search_top_p, lambda: no_threshold)
+    threshold = jnp.maximum(thr_k, thr_p)
+
+    # Final pass: Gumbel-max over the kept set, kept-set log-sum-exp, x of the winner.
+    def choose_body(j, carry):
+        best_score, best_index, best_x, kept_max, kept_sum = carry
+        index, z = load_tile(j)
+        x = z / t_eff
+        kept = _monotone_key(z) >= threshold
+        noise = jnp.where(greedy, 0.0, _gumbel_from_seeds(first, second, index))
+        score = jnp.where(kept, x + noise, _NEG_INF)
+        tile_best = jnp.max(score, axis=1, keepdims=True)
+        tile_index = jnp.min(
+            jnp.where(score == tile_best, index, jnp.int32(2**31 - 1)), axis=1, keepdims=True
+        )
+        tile_x = jnp.max(jnp.where(index == tile_index, x, _NEG_INF), axis=1, keepdims=True)
+        better = tile_best > best_score
+        kept_x = jnp.where(kept, x, _NEG_INF)
+        new_max = jnp.maximum(kept_max, jnp.max(kept_x, axis=1, keepdims=True))
+        new_max_safe = jnp.where(new_max > _NEG_INF, new_max, 0.0)
+        kept_sum = kept_sum * jnp.exp(kept_max - new_max_safe) + jnp.sum(
+            jnp.exp(kept_x - new_max_safe), axis=1, keepdims=True
+        )
+        return (
+            jnp.where(better, tile_best, best_score),
+            jnp.where(better, tile_index, best_index),
+            jnp.where(better, tile_x, best_x),
+            new_max,
+            kept_sum,
+        )
+
+    init = (neg_inf, jnp.zeros(shape, jnp.int32), neg_inf, neg_inf, zeros_f)
+    _, token, chosen_x, kept_max, kept_sum = lax.fori_loop(0, num_tiles, choose_body, init)
+    kept_max_safe = jnp.where(kept_max > _NEG_INF, kept_max, 0.0)
+    logprob, entropy = _finish(greedy, m, s, t, kept_max_safe, kept_sum, chosen_x)
+    token_ref[...] = token
+    logprob_ref[...] = logprob
+    entropy_ref[...] = entropy
+
+
+def _sample_tokens_pallas(logits, key_data, temperature, top_k, top_p, *, block_v, block_rows, pad_vocab, interpret):
+    """pallas_call wrapper; shapes as in :func:`sample_tokens`."""
+    num_rows, vocab_size = logits.shape
+    if block_v <= 0 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    if block_rows <= 0 or block_rows & (block_rows - 1):
+        raise ValueError(f"block_rows must be a power of two, got {block_rows}")
+    block_v = min(block_v, pl.next_power_of_2(vocab_size))
+    num_tiles = pl.cdiv(vocab_size, block_v)
+    seed0, seed1 = _per_row_key_words(key_data, num_rows)
+    row_ints = jnp.stack(
+        [seed0, seed1, top_k.astype(jnp.int32), jnp.zeros_like(seed0)], axis=1
+    )
+    row_floats = jnp.stack([temperature.astype(jnp.float32), top_p.astype(jnp.float32)], axis=1)
+
+    padded_rows = pl.cdiv(num_rows, block_rows) * block_rows
+    if padded_rows != num_rows:  # extra rows are sampled from zeros and dropped
+        extra = padded_rows - num_rows
+        logits = jnp.pad(logits, ((0, extra), (0, 0)))
+        row_ints = jnp.pad(row_ints, ((0, extra), (0, 0)))
+        row_floats = jnp.pad(row_floats, ((0, extra), (0, 0)), constant_values=1.0)
+    if pad_vocab and num_tiles * block_v != vocab_size:
+        logits = jnp.pad(
+            logits, ((0, 0), (0, num_tiles * block_v - vocab_size)), constant_values=_NEG_INF
+        )
+    vocab_in = logits.shape[1]
+
+    kernel = functools.partial(
+        _sampling_kernel,
+        vocab_size=vocab_size,
+        block_v=block_v,
+        num_tiles=num_tiles,
+        masked_tail=not pad_vocab,
+    )
+    row_block = lambda width: pl.BlockSpec((block_rows, width), lambda i: (i, 0))
+    tokens, logprobs, entropies = pl.pallas_call(
+        kernel,
+        grid=(padded_rows // block_rows,),
+        in_specs=[row_block(vocab_in), row_block(4), row_block(2)],
+        out_specs=[row_block(1), row_block(1), row_block(1)],
+        out_shape=[
+            jax.ShapeDtypeStruct((padded_rows, 1), jnp.int32),
+            jax.ShapeDtypeStruct((padded_rows, 1), jnp.float32),
+            jax.ShapeDtypeStruct((padded_rows, 1), jnp.float32),
+        ],
+        interpret=interpret,
+        name="fused_sampler",
+    )(logits, row_ints, row_floats)
+    return tokens[:num_rows, 0], logprobs[:num_rows, 0], entropies[:num_rows, 0]
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "reference"
+    if impl not in ("pallas", "reference"):
+        raise ValueError(f"impl must be 'auto', 'pallas' or 'reference', got {impl!r}")
+    return impl
+
+
+@functools.partial(
+    jax.jit, static_argnames=("impl", "block_v", "interpret", "block_rows", "pad_vocab")
+)
+def sample_tokens(
+    logits,
+    key_data,
+    temperature,
+    top_k,
+    top_p,
+    *,
+    impl="auto",
+    block_v=2048,
+    interpret=None,
+    block_rows=None,
+    pad_vocab=None,
+):
+    """Sample one token per row; semantics in the module docstring.
+
+    logits: float32 or bfloat16 [B, V] (any V; -inf entries allowed, +inf/NaN are not).
+    key_data: uint32 [2] or [B, 2] (see :func:`make_key_data`).
+    temperature: float32 [B] (0 = greedy); top_k: int32 [B] (0 or >= V = off);
+    top_p: float32 [B] (1.0 = off). Per-row arrays, so new values do not recompile.
+    impl: "auto" (Pallas on GPU/TPU, reference elsewhere), "pallas" or "reference".
+    block_v: vocab tile (power of two); block_rows: rows per program (power of two; default 8
+    on TPU, else 1); pad_vocab: pad V to a tile multiple with -inf
+    instead of masked loads (default: True on TPU, which has no masked loads).
+    interpret: run the Pallas kernel in interpret mode (default: when the backend is CPU).
+    Returns (tokens int32 [B], logprobs float32 [B], entropies float32 [B]).
+    """
+    num_rows = logits.shape[0]
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (num_rows,))
+    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (num_rows,))
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (num_rows,))
+    if _resolve_impl(impl) == "reference":
+        return sample_tokens_reference(logits, key_data, temperature, top_k, top_p)
+    backend = jax.default_backend()
+    if interpret is None:
+        interpret = backend == "cpu"
+    if block_rows is None:
+        block_rows = 8 if backend == "tpu" else 1
+    if pad_vocab is None:
+        pad_vocab = backend == "tpu"
+    return _sample_tokens_pallas(
+        logits,
+        key_data,
+        temperature,
+        top_k,
+        top_p,
+        block_v=block_v,
+        block_rows=block_rows,
+        pad_vocab=pad_vocab,
+        interpret=interpret,
+    )
