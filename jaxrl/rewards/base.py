@@ -1,0 +1,342 @@
+"""Rewarder protocol, weighted combination, and a time-bounded process-pool executor.
+
+A rewarder is a plain, module-level function ``(prompt, completion, example) -> float``;
+``example`` is the dataset row (a mapping: gold answer and any extra fields). It may carry a
+``warm_up`` attribute, a no-argument callable that every executor worker (and the inline
+executor) calls once before scoring, e.g. to start the math grader's symbolic sandbox.
+
+``RewardExecutor`` scores a batch with several weighted rewarders. Every (rewarder, sample)
+call is bounded by ``timeout_s``; a call that raises, hangs or returns a non-finite value
+gets ``failure_reward`` as its component value and is counted in the metrics together with
+the first error message; the run continues. Results are in input order whatever the
+completion order of the workers.
+
+Workers are fresh ``python`` processes (not forks of the trainer, which holds accelerator
+state and threads; not ``multiprocessing``, which re-imports the caller's ``__main__``).
+Rewarders travel to them pickled, so they must be importable module-level functions (or
+``functools.partial`` of one), not defined in ``__main__``. A hung call is ended by killing
+its worker, which is then replaced in the background.
+
+With ``num_workers=0`` the rewarders run inline in the calling thread. There, the timeout is
+enforced with ``SIGALRM`` when called from the main thread (it interrupts Python code, not a
+single long call inside a C extension); off the main thread it cannot be enforced, which the
+metric ``reward/timeouts_enforced`` (0.0) reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+Rewarder = Callable[[str, str, Mapping[str, Any]], float]
+
+__all__ = ["Rewarder", "weighted_sum", "call_rewarder", "RewardExecutor", "RewarderTimeout"]
+
+_WORKER_START_TIMEOUT_S = 180.0
+_MAX_ERROR_CHARS = 300
+
+
+class RewarderTimeout(Exception):
+    """A rewarder call ran past its time limit."""
+
+
+def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """Total reward: sum over components of ``weights[name] * components[name]`` (float32)."""
+    if set(components) != set(weights):
+        raise ValueError(f"components {sorted(components)} != weights {sorted(weights)}")
+    arrays = [np.asarray(components[name], np.float64) * float(weights[name]) for name in sorted(components)]
+    if not arrays:
+        raise ValueError("weighted_sum needs at least one component")
+    return np.sum(arrays, axis=0).astype(np.float32)
+
+
+def call_rewarder(fn: Rewarder, prompt: str, completion: str, example: Mapping[str, Any]) -> float:
+    """Call one rewarder and check that it returned a finite number."""
+    value = float(fn(prompt, completion, example))
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite reward {value!r}")
+    return value
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS]
+
+
+def _run_warm_ups(rewarders: Mapping[str, Rewarder]) -> None:
+    hooks = {id(h): h for h in (getattr(fn, "warm_up", None) for fn in rewarders.values()) if h}
+    for hook in hooks.values():
+        hook()
+
+
+def _worker_main(read_fd: int, write_fd: int) -> None:
+    """Entry point of a pool worker: init message, warm-ups, then tasks until EOF."""
+    requests = Connection(read_fd, writable=False)
+    replies = Connection(write_fd, readable=False)
+    parent_sys_path, payload = requests.recv()
+    sys.path[:0] = [p for p in parent_sys_path if p not in sys.path]
+    try:
+        rewarders = pickle.loads(payload)
+        _run_warm_ups(rewarders)
+    except BaseException as error:  # reported to the parent, which raises
+        replies.send(("init_error", _describe(error)))
+        return
+    replies.send(("ready", os.getpid()))
+    while True:
+        try:
+            task_id, name, prompt, completion, example = requests.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            replies.send((task_id, "ok", call_rewarder(rewarders[name], prompt, completion, example)))
+        except Exception as error:  # a failing rewarder must not end the worker
+            replies.send((task_id, "error", _describe(error)))
+
+
+class _Worker:
+    """One pool process, its pipes and its current task."""
+
+    def __init__(self, payload: bytes) -> None:
+        to_worker_read, to_worker_write = os.pipe()
+        from_worker_read, from_worker_write = os.pipe()
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        code = f"import jaxrl.rewards.base as b; b._worker_main({to_worker_read}, {from_worker_write})"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            pass_fds=(to_worker_read, from_worker_write),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        os.close(to_worker_read)
+        os.close(from_worker_write)
+        self.requests = Connection(to_worker_write, readable=False)
+        self.replies = Connection(from_worker_read, writable=False)
+        self.requests.send(([p for p in sys.path if p], payload))
+        self.started_at = time.monotonic()
+        self.ready = False
+        self.task: int | None = None
+        self.deadline = math.inf
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.requests.close()
+        self.replies.close()
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.kill()
+    workers.clear()
+
+
+class _AlarmTimeout:
+    """Context manager raising RewarderTimeout after ``seconds`` (main thread only)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        def on_alarm(signum, frame):
+            raise RewarderTimeout(f"rewarder ran past {self.seconds} s")
+
+        self.previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+class RewardExecutor:
+    """Scores batches with weighted rewarders in a process pool with per-call timeouts.
+
+    Args:
+      rewarders: name -> (rewarder, weight).
+      num_workers: pool size; 0 runs inline in the calling thread (see the module doc).
+      timeout_s: limit for one rewarder call on one sample.
+      failure_reward: component value given to a call that fails, hangs or is non-finite.
+    """
+
+    def __init__(
+        self,
+        rewarders: Mapping[str, tuple[Rewarder, float]],
+        num_workers: int = 0,
+        timeout_s: float = 5.0,
+        failure_reward: float = 0.0,
+    ) -> None:
+        if not rewarders:
+            raise ValueError("RewardExecutor needs at least one rewarder")
+        if num_workers < 0 or timeout_s <= 0 or not math.isfinite(failure_reward):
+            raise ValueError(
+                f"need num_workers >= 0, timeout_s > 0, finite failure_reward; got "
+                f"{num_workers}, {timeout_s}, {failure_reward}"
+            )
+        self.names = list(rewarders)
+        self.functions = {name: fn for name, (fn, _) in rewarders.items()}
+        self.weights = {name: float(weight) for name, (_, weight) in rewarders.items()}
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self.failure_reward = float(failure_reward)
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._warmed_inline = False
+        if num_workers > 0:
+            self._payload = self._pickle_rewarders()
+            self._workers = [_Worker(self._payload) for _ in range(num_workers)]
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+
+    def _pickle_rewarders(self) -> bytes:
+        for name, fn in self.functions.items():
+            target = getattr(fn, "func", fn)  # functools.partial
+            if getattr(target, "__module__", None) == "__main__":
+                raise ValueError(f"rewarder {name!r} is defined in __main__; workers cannot import it")
+            try:
+                pickle.dumps(fn)
+            except Exception as error:
+                raise TypeError(f"rewarder {name!r} is not picklable: {_describe(error)}") from error
+        return pickle.dumps(self.functions)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self._finalizer()
+
+    def __enter__(self) -> "RewardExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        examples: Sequence[Mapping[str, Any]],
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float | str]]:
+        """Score a batch.
+
+        Returns (total float32 [N], components name -> float32 [N], metrics). Metrics are
+        floats under ``reward/...`` plus ``reward/<name>/first_error`` (a str, present only
+        when that rewarder failed at least once in this batch).
+        """
+        if not len(prompts) == len(completions) == len(examples):
+            raise ValueError(f"lengths differ: {len(prompts)}, {len(completions)}, {len(examples)}")
+        started = time.monotonic()
+        tasks = [(name, i) for name in self.names for i in range(len(prompts))]
+        with self._lock:
+            if self.num_workers == 0:
+                outcomes, enforced = self._score_inline(tasks, prompts, completions, examples)
+            else:
+                try:
+                    outcomes, enforced = self._score_pool(tasks, prompts, completions, examples), True
+                except BaseException:
+                    # Busy workers would answer stale tasks in the next batch: replace them.
+                    for worker in [w for w in self._workers if w.task is not None]:
+                        self._replace(worker)
+                    raise
+        components = {name: np.empty(len(prompts), np.float32) for name in self.names}
+        metrics: dict[str, float | str] = {}
+        for name in self.names:
+            failures = timeouts = 0
+            for i in range(len(prompts)):
+                status, value = outcomes[(name, i)]
+                if status == "ok":
+                    components[name][i] = value
+                    continue
+                components[name][i] = self.failure_reward
+                failures += 1
+                timeouts += status == "timeout"
+                metrics.setdefault(f"reward/{name}/first_error", value)
+            metrics[f"reward/{name}/mean"] = float(components[name].mean()) if len(prompts) else 0.0
+            metrics[f"reward/{name}/failures"] = float(failures)
+            metrics[f"reward/{name}/timeouts"] = float(timeouts)
+        total = weighted_sum(components, self.weights)
+        metrics["reward/mean"] = float(total.mean()) if len(prompts) else 0.0
+        metrics["reward/score_seconds"] = time.monotonic() - started
+        metrics["reward/timeouts_enforced"] = 1.0 if enforced else 0.0
+        return total, components, metrics
+
+    def _score_inline(self, tasks, prompts, completions, examples):
+        if not self._warmed_inline:
+            _run_warm_ups(self.functions)
+            self._warmed_inline = True
+        enforced = threading.current_thread() is threading.main_thread()
+        outcomes = {}
+        for name, i in tasks:
+            try:
+                if enforced:
+                    with _AlarmTimeout(self.timeout_s):
+                        value = call_rewarder(self.functions[name], prompts[i], completions[i], examples[i])
+                else:
+                    value = call_rewarder(self.functions[name], prompts[i], completions[i], examples[i])
+                outcomes[(name, i)] = ("ok", value)
+            except RewarderTimeout as error:
+                outcomes[(name, i)] = ("timeout", _describe(error))
+            except Exception as error:
+                outcomes[(name, i)] = ("error", _describe(error))
+        return outcomes, enforced
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers[self._workers.index(worker)] = _Worker(self._payload)
+
+    def _score_pool(self, tasks, prompts, completions, examples):
+        pending = deque(range(len(tasks)))
+        outcomes: dict[tuple[str, int], tuple[str, Any]] = {}
+        while len(outcomes) < len(tasks):
+            now = time.monotonic()
+            for worker in self._workers:
+                if worker.ready and worker.task is None and pending:
+                    task_id = pending.popleft()
+                    name, i = tasks[task_id]
+                    worker.requests.send((task_id, name, prompts[i], completions[i], examples[i]))
+                    worker.task, worker.deadline = task_id, now + self.timeout_s
+            waiting = [w for w in self._workers if not w.ready or w.task is not None]
+            next_deadline = min(
+                [w.deadline for w in waiting if w.ready]
+                + [w.started_at + _WORKER_START_TIMEOUT_S for w in waiting if not w.ready]
+            )
+            ready_conns = wait([w.replies for w in waiting], timeout=max(0.0, next_deadline - now))
+            for worker in [w for w in waiting if w.replies in ready_conns]:
+                try:
+                    message = worker.replies.recv()
+                except (EOFError, OSError):
+                    self._on_worker_death(worker, tasks, outcomes, "worker process died")
+                    continue
+                if message[0] == "ready":
+                    worker.ready = True
+                elif message[0] == "init_error":
+                    raise RuntimeError(f"reward worker failed to initialise: {message[1]}")
+                else:
+                    task_id, status, value = message
+                    outcomes[tasks[task_id]] = (status, value)
+                    worker.task, worker.deadline = None, math.inf
+            now = time.monotonic()
+            for worker in list(self._workers):
+                if not worker.ready and now - worker.started_at > _WORKER_START_TIMEOUT_S:
+                    raise RuntimeError(f"reward worker not ready after {_WORKER_START_TIMEOUT_S} s")
+                if worker.task is not None and now > worker.deadline:
+                    outcomes[tasks[worker.task]] = ("timeout", f"RewarderTimeout: ran past {self.timeout_s} s")
+                    self._replace(worker)
+        return outcomes
+
+    def _on_worker_death(self, worker, tasks, outcomes, reason: str) -> None:
+        if not worker.ready:
+            raise RuntimeError(f"reward worker exited during start-up ({reason})")
+        if worker.task is not None:
+            outcomes[tasks[worker.task]] = ("error", f"WorkerDied: {reason}")
+        self._replace(worker)
