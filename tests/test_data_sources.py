@@ -191,8 +191,10 @@ def test_batches_do_not_share_mutable_rows(jsonl_file, tokenizer):
     first = next(iterator)
     first[0]["example"]["prompt"] = "changed"
     first[0]["prompt_tokens"].append(0)
+    first[0]["example"]["numbers"].append(99)
     second = next(iterator)
     assert second[0]["example"]["prompt"] != "changed"
+    assert 99 not in second[0]["example"]["numbers"]
     assert second[0]["prompt_tokens"] == tok.encode_prompt(tokenizer, second[0]["prompt_text"])
 
 

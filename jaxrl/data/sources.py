@@ -24,6 +24,7 @@ original would have yielded next. Multi-host: each process passes its ``shard_in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -262,7 +263,7 @@ def _copy_record(record: dict) -> dict:
         "prompt_text": record["prompt_text"],
         "prompt_tokens": list(record["prompt_tokens"]),
         "answer": record["answer"],
-        "example": dict(record["example"]),
+        "example": copy.deepcopy(record["example"]),
     }
 
 
