@@ -73,6 +73,8 @@ class SafetensorsFile:
             if len(head) != 8:
                 raise ValueError(f"{path}: not a safetensors file (too short)")
             (header_len,) = _struct.unpack("<Q", head)
+            if header_len > os.path.getsize(path) - 8:
+                raise ValueError(f"{path}: truncated safetensors file (header length {header_len})")
             try:
                 header = json.loads(f.read(header_len))
             except ValueError as e:
@@ -80,6 +82,12 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries = header
         self._data_start = 8 + header_len
+        needed = self._data_start + max((e["data_offsets"][1] for e in header.values()), default=0)
+        size = os.path.getsize(path)
+        if size < needed:
+            raise ValueError(
+                f"{path}: truncated safetensors file ({size} bytes, the header describes {needed})"
+            )
         self._mm = np.memmap(path, dtype=np.uint8, mode="r")
 
     def keys(self) -> list[str]:
