@@ -126,3 +126,10 @@ def test_bad_arguments_are_named():
         synthetic.generate_problems(1, seed=0, split="test")
     with pytest.raises(ValueError, match="difficulty"):
         synthetic.generate_problems(1, seed=0, difficulty="extreme")
+
+
+def test_cli_writes_both_splits(tmp_path, capsys):
+    synthetic.main(["--out", str(tmp_path), "--train", "7", "--heldout", "3", "--difficulty", "hard"])
+    assert "train:" in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(tmp_path / "heldout.jsonl")]
+    assert len(rows) == 3 and all(len(r["numbers"]) == 4 and r["split"] == "heldout" for r in rows)

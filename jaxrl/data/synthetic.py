@@ -20,7 +20,9 @@ generated from.
 
 Why this suits RL on a 2-core CPU with a tiny model:
 
-- The vocabulary is a few dozen characters and completions are 20-45 tokens.
+- The tokenizer (``jaxrl.data.tokenizer``) has 60 tokens; with it, prompts are <= 27
+  tokens (chat template included) and completions <= 23 tokens for "medium" (<= 32 for
+  "hard"), eos included, so one bucket of 32 covers both on a CPU.
 - Every step has a fork (which sign, which number next) whose correct choice needs
   look-ahead to the target, so a warmed-up model is uncertain there: greedy decoding
   often takes a wrong branch while a handful of samples usually contains a right one
@@ -72,11 +74,11 @@ class Difficulty:
 
 
 DIFFICULTIES: dict[str, Difficulty] = {
-    # 3 one-digit numbers: ~2k distinct problems, ~20-token completions.
+    # 3 one-digit numbers: ~2k distinct problems, completions <= 20 tokens.
     "easy": Difficulty(num_count=3, max_number=9),
-    # 3 numbers up to 20: ~20k distinct problems, the default for the embedded run.
+    # 3 numbers up to 20: tens of thousands of problems, completions <= 23 tokens.
     "medium": Difficulty(num_count=3, max_number=20),
-    # 4 numbers up to 20: three forks per problem, ~40-token completions.
+    # 4 numbers up to 20: three forks per problem, completions <= 32 tokens.
     "hard": Difficulty(num_count=4, max_number=20),
 }
 
