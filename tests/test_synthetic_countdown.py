@@ -89,11 +89,10 @@ def test_verifier_rejects_malformed_and_attack_strings(completion):
 
 
 def test_verifier_accepts_any_valid_chain_and_spacing():
-    for completion in ["5+7=12\n12-3=9\nanswer: 9", "3-5=-2\n-2+7=5\nanswer: 5", " 5 + 7 = 12\n12-3=9\nanswer:9\n"]:
-        expected = 1.0 if completion.strip().endswith("9") else 0.0
-        assert tasks.countdown_reward(ROW["prompt"], completion, ROW) == expected
-    negative = {"numbers": [3, 5, 7], "target": 5}
-    assert tasks.countdown_reward("", "3-5=-2\n-2+7=5\nanswer: 5", negative) == 1.0
+    for completion in ["5+7=12\n12-3=9\nanswer: 9", "7-3=4\n4+5=9\nanswer: 9", " 5 + 7 = 12\n12-3=9\nanswer:9\n"]:
+        assert tasks.countdown_reward(ROW["prompt"], completion, ROW) == 1.0, completion
+    negative_running_value = {"numbers": [3, 5, 7], "target": 5}
+    assert tasks.countdown_reward("", "3-5=-2\n-2+7=5\nanswer: 5", negative_running_value) == 1.0
 
 
 def test_format_reward_ignores_arithmetic_but_needs_step_count():
