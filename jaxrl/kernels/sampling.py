@@ -2,7 +2,9 @@
 
 Semantics (shared bit for bit by the Pallas kernel and the pure-jnp reference):
 
-* ``z`` = logits in float32, ``x = z / T`` per row. ``T == 0`` means greedy (then ``x = z``).
+* ``z`` = logits in float32, ``x = z * (1/T)`` per row (the reciprocal is computed once per row
+  outside the kernel, so kernel and reference scale identically). ``T == 0`` means greedy
+  (then ``x = z``).
 * Entropy ``H = -sum_v p_v log p_v`` with ``p = softmax(x)`` over the FULL vocabulary (no
   top-k/top-p). Greedy rows report the entropy at T = 1.
 * Kept set ``K = {v : key(z_v) >= threshold}`` where ``key`` is a monotone int32 map of the
@@ -122,21 +124,27 @@ def _midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
 
 
 def _row_controls(temperature, top_k, top_p, vocab_size):
-    """Per-row (greedy, effective temperature, top-k active, top-p active); any broadcastable shape."""
+    """Per-row (greedy, 1/T as float32, top-k active, top-p active); any matching shapes."""
     greedy = temperature <= 0.0
-    t_eff = jnp.where(greedy, 1.0, temperature).astype(jnp.float32)
+    inv_temperature = (1.0 / jnp.where(greedy, 1.0, temperature)).astype(jnp.float32)
     use_top_k = (~greedy) & (top_k > 0) & (top_k < vocab_size)
     use_top_p = (~greedy) & (top_p < 1.0)
-    return greedy, t_eff, use_top_k, use_top_p
+    return greedy, inv_temperature, use_top_k, use_top_p
 
 
-def _finish(greedy, m, s, t, kept_max, kept_sum, chosen_x):
-    """(log-prob, entropy) from full-vocab stats (m, s, t) and kept-set stats; guards empty rows."""
+def _finish(greedy, inv_temperature, s, t, kept_max, kept_sum, chosen_z):
+    """(log-prob, entropy); guards rows with nothing finite.
+
+    s, t: full-vocab sum e^d and sum e^d d with d = (z - max z) / T; kept_max: max logit of
+    the kept set (0 if none), kept_sum: sum over the kept set of e^{(z - kept_max)/T};
+    chosen_z: logit of the sampled token.
+    """
     has_mass = s > 0.0
-    entropy = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1.0)) - t / jnp.where(has_mass, s, 1.0), 0.0)
+    s_safe = jnp.where(has_mass, s, 1.0)
+    entropy = jnp.where(has_mass, jnp.log(s_safe) - t / s_safe, 0.0)
     kept_ok = (kept_sum > 0.0) & (~greedy)
-    kept_lse = jnp.where(kept_ok, kept_max, 0.0) + jnp.log(jnp.where(kept_ok, kept_sum, 1.0))
-    logprob = jnp.where(kept_ok, chosen_x - kept_lse, 0.0)
+    chosen_shift = jnp.where(kept_ok, (chosen_z - kept_max) * inv_temperature, 0.0)
+    logprob = jnp.where(kept_ok, chosen_shift - jnp.log(jnp.where(kept_ok, kept_sum, 1.0)), 0.0)
     return logprob, entropy
 
 
@@ -171,17 +179,17 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p):
     """
     num_rows, vocab_size = logits.shape
     z = logits.astype(jnp.float32)
-    greedy, t_eff, use_top_k, use_top_p = _row_controls(
+    greedy, inv_temperature, use_top_k, use_top_p = _row_controls(
         temperature[:, None], top_k[:, None], top_p[:, None], vocab_size
     )
-    x = z / t_eff
-    finite = x > _NEG_INF
-
-    m = jnp.max(x, axis=1, keepdims=True)
+    # Shifted in logit units before scaling, so the max entry has d = 0 exactly (no rounding
+    # residue from z/T that fused multiply-adds would turn into a spurious entropy).
+    m = jnp.max(z, axis=1, keepdims=True)
     m_safe = jnp.where(m > _NEG_INF, m, 0.0)
-    e = jnp.exp(x - m_safe)
+    d = (z - m_safe) * inv_temperature
+    e = jnp.exp(d)
     s = jnp.sum(e, axis=1, keepdims=True)
-    t = jnp.sum(jnp.where(finite, e * (x - m_safe), 0.0), axis=1, keepdims=True)
+    t = jnp.sum(jnp.where(z > _NEG_INF, e * d, 0.0), axis=1, keepdims=True)
 
     keys = _monotone_key(z)
     k_active = use_top_k[:, 0]
@@ -215,14 +223,14 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p):
 
     kept = keys >= threshold
     noise = jnp.where(greedy, 0.0, gumbel_noise(key_data, num_rows, vocab_size))
-    score = jnp.where(kept, x + noise, _NEG_INF)
+    score = jnp.where(kept, z * inv_temperature + noise, _NEG_INF)
     tokens = jnp.argmax(score, axis=1).astype(jnp.int32)
-    kept_x = jnp.where(kept, x, _NEG_INF)
-    kept_max = jnp.max(kept_x, axis=1, keepdims=True)
+    kept_z = jnp.where(kept, z, _NEG_INF)
+    kept_max = jnp.max(kept_z, axis=1, keepdims=True)
     kept_max_safe = jnp.where(kept_max > _NEG_INF, kept_max, 0.0)
-    kept_sum = jnp.sum(jnp.exp(kept_x - kept_max_safe), axis=1, keepdims=True)
-    chosen_x = jnp.take_along_axis(x, tokens[:, None], axis=1)
-    logprob, entropy = _finish(greedy, m, s, t, kept_max_safe, kept_sum, chosen_x)
+    kept_sum = jnp.sum(jnp.exp((kept_z - kept_max_safe) * inv_temperature), axis=1, keepdims=True)
+    chosen_z = jnp.take_along_axis(z, tokens[:, None], axis=1)
+    logprob, entropy = _finish(greedy, inv_temperature, s, t, kept_max_safe, kept_sum, chosen_z)
     return tokens, logprob[:, 0], entropy[:, 0]
 
 
@@ -233,8 +241,8 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p):
 
 def _sampling_kernel(
     logits_ref,  # [R, V_in] logits (V_in = V, or V rounded up to block_v when padded)
-    row_ints_ref,  # [R, 4] int32: seed0, seed1, top_k, unused
-    row_floats_ref,  # [R, 2] float32: temperature, top_p
+    row_ints_ref,  # [R, 4] int32: seed0, seed1, top_k, flags (1 greedy, 2 top-k on, 4 top-p on)
+    row_floats_ref,  # [R, 2] float32: 1/temperature (1 when greedy), top_p
     token_ref,  # [R, 1] int32
     logprob_ref,  # [R, 1] float32
     entropy_ref,  # [R, 1] float32
@@ -250,9 +258,12 @@ def _sampling_kernel(
     seed0 = row_ints_ref[:, 0:1]
     seed1 = row_ints_ref[:, 1:2]
     top_k = row_ints_ref[:, 2:3]
-    temperature = row_floats_ref[:, 0:1]
+    flags = row_ints_ref[:, 3:4]
+    greedy = (flags & 1) != 0
+    use_top_k = (flags & 2) != 0
+    use_top_p = (flags & 4) != 0
+    inv_temperature = row_floats_ref[:, 0:1]
     top_p = row_floats_ref[:, 1:2]
-    greedy, t_eff, use_top_k, use_top_p = _row_controls(temperature, top_k, top_p, vocab_size)
     first, second = _row_seeds(seed0, seed1, row)
     lane = lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
 
@@ -273,18 +284,19 @@ def _sampling_kernel(
     zeros_f = jnp.zeros(shape, jnp.float32)
     neg_inf = jnp.full(shape, _NEG_INF, jnp.float32)
 
-    # Pass 1: full-vocab online max m, s = sum e^{x-m}, t = sum e^{x-m}(x-m).
+    # Pass 1 (full vocabulary): online m = max z, s = sum e^d, t = sum e^d d, d = (z - m) / T.
+    # Rescaling when m grows to m': s' = e^c s, t' = e^c (t + c s), c = (m - m') / T.
     def stats_body(j, carry):
         m, s, t = carry
         _, z = load_tile(j)
-        x = z / t_eff
-        m_new = jnp.maximum(m, jnp.max(x, axis=1, keepdims=True))
+        m_new = jnp.maximum(m, jnp.max(z, axis=1, keepdims=True))
         m_safe = jnp.where(m_new > _NEG_INF, m_new, 0.0)
-        scale = jnp.exp(m - m_safe)
-        shift = jnp.where(s > 0.0, m - m_safe, 0.0)
-        e = jnp.exp(x - m_safe)
-        t = scale * (t + shift * s) + jnp.sum(
-            jnp.where(x > _NEG_INF, e * (x - m_safe), 0.0), axis=1, keepdims=True
+        shift = (m - m_safe) * inv_temperature
+        scale = jnp.exp(shift)
+        d = (z - m_safe) * inv_temperature
+        e = jnp.exp(d)
+        t = scale * (t + jnp.where(s > 0.0, shift, 0.0) * s) + jnp.sum(
+            jnp.where(z > _NEG_INF, e * d, 0.0), axis=1, keepdims=True
         )
         s = scale * s + jnp.sum(e, axis=1, keepdims=True)
         return m_new, s, t
@@ -329,7 +341,7 @@ def _sampling_kernel(
         floor = jnp.maximum(u, thr_k)
 
         def tile_mass(_, z):
-            e = jnp.exp(z / t_eff - m_safe)
+            e = jnp.exp((z - m_safe) * inv_temperature)
             return jnp.sum(jnp.where(_monotone_key(z) >= floor, e, 0.0), axis=1, keepdims=True)
 
         return reduce_tiles(tile_mass, zeros_f)
@@ -346,38 +358,37 @@ def _sampling_kernel(
     thr_p = lax.cond(any_row(use_top_p), search_top_p, lambda: no_threshold)
     threshold = jnp.maximum(thr_k, thr_p)
 
-    # Final pass: Gumbel-max over the kept set, kept-set log-sum-exp, x of the winner.
+    # Final pass: Gumbel-max over the kept set, kept-set log-sum-exp, logit of the winner.
     def choose_body(j, carry):
-        best_score, best_index, best_x, kept_max, kept_sum = carry
+        best_score, best_index, best_z, kept_max, kept_sum = carry
         index, z = load_tile(j)
-        x = z / t_eff
         kept = _monotone_key(z) >= threshold
         noise = jnp.where(greedy, 0.0, _gumbel_from_seeds(first, second, index))
-        score = jnp.where(kept, x + noise, _NEG_INF)
+        score = jnp.where(kept, z * inv_temperature + noise, _NEG_INF)
         tile_best = jnp.max(score, axis=1, keepdims=True)
         tile_index = jnp.min(
             jnp.where(score == tile_best, index, jnp.int32(2**31 - 1)), axis=1, keepdims=True
         )
-        tile_x = jnp.max(jnp.where(index == tile_index, x, _NEG_INF), axis=1, keepdims=True)
+        tile_z = jnp.max(jnp.where(index == tile_index, z, _NEG_INF), axis=1, keepdims=True)
         better = tile_best > best_score
-        kept_x = jnp.where(kept, x, _NEG_INF)
-        new_max = jnp.maximum(kept_max, jnp.max(kept_x, axis=1, keepdims=True))
+        kept_z = jnp.where(kept, z, _NEG_INF)
+        new_max = jnp.maximum(kept_max, jnp.max(kept_z, axis=1, keepdims=True))
         new_max_safe = jnp.where(new_max > _NEG_INF, new_max, 0.0)
-        kept_sum = kept_sum * jnp.exp(kept_max - new_max_safe) + jnp.sum(
-            jnp.exp(kept_x - new_max_safe), axis=1, keepdims=True
+        kept_sum = kept_sum * jnp.exp((kept_max - new_max_safe) * inv_temperature) + jnp.sum(
+            jnp.exp((kept_z - new_max_safe) * inv_temperature), axis=1, keepdims=True
         )
         return (
             jnp.where(better, tile_best, best_score),
             jnp.where(better, tile_index, best_index),
-            jnp.where(better, tile_x, best_x),
+            jnp.where(better, tile_z, best_z),
             new_max,
             kept_sum,
         )
 
     init = (neg_inf, jnp.zeros(shape, jnp.int32), neg_inf, neg_inf, zeros_f)
-    _, token, chosen_x, kept_max, kept_sum = lax.fori_loop(0, num_tiles, choose_body, init)
+    _, token, chosen_z, kept_max, kept_sum = lax.fori_loop(0, num_tiles, choose_body, init)
     kept_max_safe = jnp.where(kept_max > _NEG_INF, kept_max, 0.0)
-    logprob, entropy = _finish(greedy, m, s, t, kept_max_safe, kept_sum, chosen_x)
+    logprob, entropy = _finish(greedy, inv_temperature, s, t, kept_max_safe, kept_sum, chosen_z)
     token_ref[...] = token
     logprob_ref[...] = logprob
     entropy_ref[...] = entropy
@@ -393,10 +404,12 @@ def _sample_tokens_pallas(logits, key_data, temperature, top_k, top_p, *, block_
     block_v = min(block_v, pl.next_power_of_2(vocab_size))
     num_tiles = pl.cdiv(vocab_size, block_v)
     seed0, seed1 = _per_row_key_words(key_data, num_rows)
-    row_ints = jnp.stack(
-        [seed0, seed1, top_k.astype(jnp.int32), jnp.zeros_like(seed0)], axis=1
+    greedy, inv_temperature, use_top_k, use_top_p = _row_controls(
+        temperature, top_k, top_p, vocab_size
     )
-    row_floats = jnp.stack([temperature.astype(jnp.float32), top_p.astype(jnp.float32)], axis=1)
+    flags = greedy.astype(jnp.int32) + 2 * use_top_k.astype(jnp.int32) + 4 * use_top_p.astype(jnp.int32)
+    row_ints = jnp.stack([seed0, seed1, top_k, flags], axis=1)
+    row_floats = jnp.stack([inv_temperature, top_p], axis=1)
 
     padded_rows = pl.cdiv(num_rows, block_rows) * block_rows
     if padded_rows != num_rows:  # extra rows are sampled from zeros and dropped
