@@ -41,10 +41,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import random
 from typing import Iterable, Mapping, Sequence
+
+from jaxrl.rewards.tasks import countdown_reward
 
 TASK_NAME = "countdown"
 ANSWER_PREFIX = "answer:"
@@ -192,8 +195,6 @@ def reference_solution(example: Mapping) -> str:
 
 def _search_chain(numbers: Sequence[int], target: int) -> list[tuple[int, str, int, int]]:
     """Exhaustive search (numbers are few) for a chain reaching ``target``."""
-    import itertools
-
     for order in itertools.permutations(range(len(numbers))):
         for signs in itertools.product("+-", repeat=len(numbers) - 1):
             steps = _chain_steps(numbers, order, signs)
@@ -209,8 +210,6 @@ def corrupted_solution(example: Mapping, rng: random.Random) -> str:
     misses the target, with the honest final value as the answer), an arithmetic slip in
     one step, or a wrong final answer after a correct chain.
     """
-    from jaxrl.rewards.tasks import countdown_reward
-
     numbers = [int(n) for n in example["numbers"]]
     target = int(example["target"])
     reference = reference_solution(example)
