@@ -207,3 +207,13 @@ def test_missing_files_are_named(tmp_path, tokenizer):
     csv.write_text("prompt,answer\n")
     with pytest.raises(ValueError, match="data.csv"):
         sources.make_prompt_iterator(str(csv), tokenizer, batch_size=1)
+
+
+def test_rows_reach_rewarders_intact(jsonl_file, tokenizer):
+    from jaxrl.rewards.tasks import countdown_reward
+
+    batch = next(sources.make_prompt_iterator(jsonl_file, tokenizer, batch_size=8, extra_fields=["numbers", "target"]))
+    for record in batch:
+        completion = synthetic.reference_solution(record["example"])
+        assert countdown_reward(record["prompt_text"], completion, record["example"]) == 1.0
+        assert record["answer"] == str(record["example"]["target"])
