@@ -92,6 +92,7 @@ class GradingPolicy:
     max_distinct_answers: int = 1
     max_completion_chars: int = 500_000
     max_answer_chars: int = 300
+    max_brace_depth: int = 32
     symbolic: bool = True
     max_symbolic_chars: int = 200
     max_exponent: int = 10_000
@@ -195,6 +196,25 @@ def _has_letter_or_digit(answer: str) -> bool:
     return any(ch.isalnum() for ch in answer)
 
 
+def _brace_depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch == "{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == "}":
+            depth -= 1
+    return deepest
+
+
+def _is_plausible_answer(answer: str, policy: GradingPolicy) -> bool:
+    return (
+        len(answer) <= policy.max_answer_chars
+        and _has_letter_or_digit(answer)
+        and _brace_depth(answer) <= policy.max_brace_depth
+    )
+
+
 def _candidate_answers(completion: str, policy: GradingPolicy) -> list[str] | None:
     """All final-answer candidates of a completion (last = the answer), or None if refused."""
     if not completion or len(completion) > policy.max_completion_chars:
@@ -212,7 +232,7 @@ def _candidate_answers(completion: str, policy: GradingPolicy) -> list[str] | No
         candidates = []
     if not candidates:
         return None
-    if any(len(c) > policy.max_answer_chars or not _has_letter_or_digit(c) for c in candidates):
+    if not all(_is_plausible_answer(c, policy) for c in candidates):
         return None
     distinct = {_comparison_key(normalize_answer(c)) for c in candidates}
     if len(distinct) > policy.max_distinct_answers:
@@ -265,6 +285,15 @@ _UNICODE = {
 }
 
 
+def _strip_outer_braces(s: str) -> str:
+    """``{{5}}`` -> ``5`` (one brace-matching pass)."""
+    matches = _matching_braces(s)
+    start, end = 0, len(s) - 1
+    while start < end and s[start] == "{" and matches.get(start) == end:
+        start, end = start + 1, end - 1
+    return s[start : end + 1]
+
+
 def normalize_answer(text: str) -> str:
     """Canonical string form of an answer (see the module docstring for the rules)."""
     s = text.strip()
@@ -297,7 +326,7 @@ def normalize_answer(text: str) -> str:
     s = s.rstrip(" .,;:").strip()
     if _WORDS.fullmatch(s) and " " in s:
         s = s.lower()
-    s = "".join(s.split())
+    s = _strip_outer_braces("".join(s.split()))
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     s = _SHORT_FRAC.sub(r"\\frac{\1}{\2}", s)
