@@ -1,0 +1,165 @@
+"""Rewarder composition and the time-bounded executor (inline and process pool)."""
+
+import functools
+import math
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from jaxrl.rewards.base import RewardExecutor, call_rewarder, weighted_sum
+from jaxrl.rewards.math import math_reward
+
+
+# Module-level rewarders: the pool workers import them by reference.
+def length_reward(prompt, completion, example):
+    return float(len(completion))
+
+
+def raising_reward(prompt, completion, example):
+    if "boom" in completion:
+        raise ValueError(f"kaboom on {completion}")
+    return 1.0
+
+
+def hanging_reward(prompt, completion, example):
+    if "hang" in completion:
+        while True:
+            pass
+    return 0.5
+
+
+def non_finite_reward(prompt, completion, example):
+    return {"nan": math.nan, "inf": math.inf}.get(completion, 2.0)
+
+
+def slow_reward(prompt, completion, example, *, seconds):
+    time.sleep(seconds)
+    return float(example["index"])
+
+
+def example_field_reward(prompt, completion, example):
+    return float(example["bonus"]) + (1.0 if prompt == "p" else 0.0)
+
+
+def pid_reward(prompt, completion, example):
+    return float(os.getpid())
+
+
+FAILING_SET = {
+    "length": (length_reward, 0.5),
+    "raising": (raising_reward, 1.0),
+    "hanging": (hanging_reward, 1.0),
+    "non_finite": (non_finite_reward, 1.0),
+}
+COMPLETIONS = ["a", "boom", "hang", "nan", "ok", "inf"]
+EXPECTED = {
+    "length": [1, 4, 4, 3, 2, 3],
+    "raising": [1, -1, 1, 1, 1, 1],
+    "hanging": [0.5, 0.5, -1, 0.5, 0.5, 0.5],
+    "non_finite": [2, 2, 2, -1, 2, -1],
+}
+
+
+def _check_failing_set(total, components, metrics):
+    for name, expected in EXPECTED.items():  # -1 marks the failure reward
+        np.testing.assert_allclose(components[name], expected)
+        assert components[name].dtype == np.float32
+    expected_total = sum(np.asarray(EXPECTED[n], np.float64) * w for n, (_, w) in FAILING_SET.items())
+    np.testing.assert_allclose(total, expected_total, rtol=1e-6)
+    assert total.dtype == np.float32 and total.shape == (len(COMPLETIONS),)
+    assert metrics["reward/raising/failures"] == 1.0
+    assert metrics["reward/raising/first_error"] == "ValueError: kaboom on boom"
+    assert metrics["reward/hanging/failures"] == 1.0 and metrics["reward/hanging/timeouts"] == 1.0
+    assert "RewarderTimeout" in metrics["reward/hanging/first_error"]
+    assert metrics["reward/non_finite/failures"] == 2.0
+    assert "non-finite" in metrics["reward/non_finite/first_error"]
+    assert metrics["reward/length/failures"] == 0.0 and "reward/length/first_error" not in metrics
+    assert metrics["reward/mean"] == pytest.approx(float(total.mean()))
+
+
+def test_weighted_sum():
+    total = weighted_sum({"a": np.array([1.0, 2.0]), "b": np.array([0.5, -1.0])}, {"a": 2.0, "b": 1.0})
+    np.testing.assert_allclose(total, [2.5, 3.0])
+    assert total.dtype == np.float32
+    with pytest.raises(ValueError):
+        weighted_sum({"a": np.zeros(2)}, {"b": 1.0})
+
+
+def test_call_rewarder_rejects_non_finite():
+    with pytest.raises(ValueError, match="non-finite"):
+        call_rewarder(non_finite_reward, "p", "nan", {})
+    assert call_rewarder(length_reward, "p", "abc", {}) == 3.0
+
+
+def test_inline_executor_contains_failures():
+    with RewardExecutor(FAILING_SET, num_workers=0, timeout_s=0.3, failure_reward=-1.0) as executor:
+        total, components, metrics = executor.score(["p"] * 6, COMPLETIONS, [{}] * 6)
+    _check_failing_set(total, components, metrics)
+    assert metrics["reward/timeouts_enforced"] == 1.0
+
+
+def test_inline_executor_off_main_thread_reports_unenforced_timeouts():
+    executor = RewardExecutor({"length": (length_reward, 1.0)}, num_workers=0)
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(r=executor.score(["p"], ["abc"], [{}])))
+    thread.start()
+    thread.join()
+    total, _, metrics = out["r"]
+    assert total.tolist() == [3.0] and metrics["reward/timeouts_enforced"] == 0.0
+
+
+def test_pool_executor_contains_failures_and_keeps_order():
+    with RewardExecutor(FAILING_SET, num_workers=2, timeout_s=0.5, failure_reward=-1.0) as executor:
+        _check_failing_set(*executor.score(["p"] * 6, COMPLETIONS, [{}] * 6))
+        # The hung worker was replaced: a second batch still works, in order.
+        total, components, metrics = executor.score(["p"] * 3, ["x", "yy", "zzz"], [{}] * 3)
+        np.testing.assert_allclose(components["length"], [1, 2, 3])
+        assert metrics["reward/hanging/failures"] == 0.0
+
+
+def test_pool_results_follow_input_order_not_completion_order():
+    rewarder = functools.partial(slow_reward, seconds=0.0)
+    examples = [{"index": i} for i in range(20)]
+    with RewardExecutor({"slow": (rewarder, 1.0), "pid": (pid_reward, 0.0)}, num_workers=2) as executor:
+        total, components, metrics = executor.score(["p"] * 20, ["c"] * 20, examples)
+    np.testing.assert_array_equal(components["slow"], np.arange(20, dtype=np.float32))
+    np.testing.assert_array_equal(total, np.arange(20, dtype=np.float32))
+    assert len(set(components["pid"].tolist()) - {float(os.getpid())}) >= 1  # ran in workers
+
+
+def test_example_fields_reach_the_rewarder():
+    with RewardExecutor({"field": (example_field_reward, 1.0)}, num_workers=1) as executor:
+        total, _, _ = executor.score(["p", "q"], ["c", "c"], [{"bonus": 2}, {"bonus": 5}])
+    np.testing.assert_allclose(total, [3.0, 5.0])
+
+
+def test_pool_grades_math_with_warm_up():
+    completions = ["\\boxed{2\\sqrt{2}}", "\\boxed{3}", "The answer above is correct."]
+    examples = [{"answer": "\\sqrt{8}"}, {"answer": "4"}, {"answer": "1"}]
+    with RewardExecutor({"math": (math_reward, 1.0)}, num_workers=1, timeout_s=5.0) as executor:
+        total, _, metrics = executor.score(["p"] * 3, completions, examples)
+    np.testing.assert_allclose(total, [1.0, 0.0, 0.0])
+    assert metrics["reward/math/failures"] == 0.0
+
+
+def test_close_stops_workers():
+    executor = RewardExecutor({"length": (length_reward, 1.0)}, num_workers=2)
+    executor.score(["p"], ["abc"], [{}])
+    processes = [worker.process for worker in executor._workers]
+    executor.close()
+    assert all(process.poll() is not None for process in processes)
+
+
+def test_configuration_errors_fail_at_construction():
+    with pytest.raises(ValueError):
+        RewardExecutor({}, num_workers=0)
+    with pytest.raises(ValueError):
+        RewardExecutor({"length": (length_reward, 1.0)}, timeout_s=0)
+    with pytest.raises(TypeError, match="not picklable"):
+        RewardExecutor({"lambda": (lambda p, c, e: 1.0, 1.0)}, num_workers=1)
+    with RewardExecutor({"length": (length_reward, 1.0)}) as executor:
+        with pytest.raises(ValueError, match="lengths differ"):
+            executor.score(["p"], ["a", "b"], [{}])
