@@ -442,6 +442,9 @@ def _sample_tokens_pallas(logits, key_data, temperature, top_k, top_p, *, block_
             jax.ShapeDtypeStruct((padded_rows, 1), jnp.float32),
         ],
         interpret=interpret,
+        # The masked-tail path is the GPU path: select the Triton backend explicitly (jax may
+        # default to Mosaic GPU, which this row-streaming kernel is not written for).
+        compiler_params=None if pad_vocab else plgpu.CompilerParams(num_warps=4, num_stages=2),
         name="fused_sampler",
     )(logits, row_ints, row_floats)
     return tokens[:num_rows, 0], logprobs[:num_rows, 0], entropies[:num_rows, 0]
