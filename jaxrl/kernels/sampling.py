@@ -1,6 +1,9 @@
 """Fused token sampler: logits -> (token, log-prob, entropy), one streaming kernel per row.
 
-Semantics (shared bit for bit by the Pallas kernel and the pure-jnp reference):
+Semantics (shared by the Pallas kernel and the pure-jnp reference, which use the same noise;
+tokens agree bitwise in interpret mode. The only summation-order-dependent input to the token
+is the top-p mass comparison, so a top-p boundary within float32 rounding of ``p`` could pick a
+different threshold; on GPU, exp/log/div may also differ from XLA's by an ulp):
 
 * ``z`` = logits in float32, ``x = z * (1/T)`` per row (the reciprocal is computed once per row
   outside the kernel, so kernel and reference scale identically). ``T == 0`` means greedy
@@ -18,7 +21,8 @@ Semantics (shared bit for bit by the Pallas kernel and the pure-jnp reference):
   ``g_v = -log(-log(u_v))`` and ``u_v`` from a counter-based integer hash of
   (key words, row, v) — see :func:`gumbel_noise`. Greedy rows use ``g = 0`` (argmax of z).
 * Log-prob of the chosen token under the distribution actually sampled:
-  ``x_c - logsumexp_{v in K} x_v``. Greedy rows report 0 (the degenerate distribution).
+  ``x_c - logsumexp_{v in K} x_v``, evaluated as ``(z_c - max_K z)/T - log sum_K e^{(z - max_K z)/T}``
+  (shifting in logit units keeps the max entry at exactly 0 even when T is tiny). Greedy rows report 0 (the degenerate distribution).
 * A row with no finite logit returns token 0, log-prob 0, entropy 0.
 
 Noise/key contract: ``key_data`` is uint32 ``[2]`` (shared by all rows; the row index is hashed
