@@ -90,7 +90,7 @@ class GradingPolicy:
 
     answer_line_fallback: bool = True
     max_distinct_answers: int = 1
-    max_completion_chars: int = 500_000
+    max_completion_chars: int = 200_000
     max_answer_chars: int = 300
     max_brace_depth: int = 32
     symbolic: bool = True
@@ -109,43 +109,52 @@ STRICT_POLICY = GradingPolicy(answer_line_fallback=False)
 
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOX_WORD = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+# Whitespace quantifiers are bounded ({1,4}) so that no pattern can backtrack
+# quadratically on long runs of spaces.
 _ANSWER_LINE = re.compile(
-    r"^[ \t>*#_]{0,8}(?:final[ \t]+)?answer[ \t]*(?:\*\*)?[ \t]*(?:is)?[ \t]*[:：][ \t]*(.+?)[ \t]*$",
+    r"^[ \t>*#_]{0,8}(?:final[ \t]{1,4})?answer[ \t]{0,4}(?:\*\*)?[ \t]{0,4}(?:is)?[ \t]{0,4}[:：](.+)$",
     re.IGNORECASE | re.MULTILINE,
 )
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _JUDGE_TEXT = re.compile(
-    r"(?:answer|solution|response|result)s?[ \t]+(?:given[ \t]+|shown[ \t]+)?"
-    r"(?:above|here|below)[ \t]+(?:is|are)[ \t]+(?:correct|right|true|valid)"
-    r"|\b(?:ignore|disregard|forget)[ \t]+(?:all[ \t]+|any[ \t]+|the[ \t]+)?(?:previous|prior|above|earlier)"
-    r"|\b(?:grade|mark|score|rate|evaluate|judge|count)[ \t]+(?:this|it|me|my[ \t]+\w+|the[ \t]+\w+)"
-    r"[ \t]+as[ \t]+(?:correct|right|true|full|perfect)"
-    r"|\b(?:dear|attention|note[ \t]+to(?:[ \t]+the)?|hey|hello)[ \t,]+(?:grader|judge|verifier|evaluator|checker|reviewer)s?\b"
-    r"|\b(?:grader|judge|verifier|evaluator)s?[ \t]*(?:should|must|will|:)"
-    r"|\b(?:give|award|assign)[ \t]+(?:me|this|it)?[ \t]*(?:full|maximum|max|all)[ \t]+(?:marks|credit|reward|points|score)"
-    r"|\breward[ \t]*[=:][ \t]*1\b"
+    r"\b(?:answer|solution|response|result)s?[ \t]{1,4}(?:(?:given|shown)[ \t]{1,4})?"
+    r"(?:above|here|below)[ \t]{1,4}(?:is|are)[ \t]{1,4}(?:correct|right|valid)"
+    r"|\b(?:ignore|disregard|forget)[ \t]{1,4}(?:(?:all|any|the)[ \t]{1,4})?(?:previous|prior|above|earlier)"
+    r"[ \t]{1,4}(?:instructions?|prompts?|rules?|text|messages?)"
+    r"|\b(?:grade|mark|score|rate|evaluate)[ \t]{1,4}(?:this|it|me|my[ \t]{1,4}\w+|the[ \t]{1,4}\w+)"
+    r"[ \t]{1,4}as[ \t]{1,4}(?:correct|right|full|perfect)"
+    r"|\b(?:dear|attention|note[ \t]{1,4}to(?:[ \t]{1,4}the)?|hey|hello)[ \t,]{1,4}"
+    r"(?:grader|judge|verifier|evaluator|checker|reviewer)s?\b"
+    r"|\b(?:grader|verifier|evaluator)s?[ \t]{0,4}(?:should|must|:)"
+    r"|\b(?:give|award|assign)[ \t]{1,4}(?:(?:me|this|it)[ \t]{1,4})?(?:full|maximum|max|all)[ \t]{1,4}"
+    r"(?:marks|credit|reward|points|score)"
+    r"|\breward[ \t]{0,4}[=:][ \t]{0,4}1\b"
     r"|\bis_correct\b"
-    r"|\bthis[ \t]+(?:answer|solution)[ \t]+is[ \t]+(?:definitely[ \t]+|certainly[ \t]+)?(?:correct|right)",
+    r"|\bthis[ \t]{1,4}(?:answer|solution)[ \t]{1,4}is[ \t]{1,4}(?:(?:definitely|certainly)[ \t]{1,4})?(?:correct|right)",
     re.IGNORECASE,
 )
 
 
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
+
+
 def _matching_braces(text: str) -> dict[int, int]:
-    """Map the index of each unescaped ``{`` to its matching ``}`` in one linear pass."""
+    """Map the index of each unescaped ``{`` to its matching ``}`` in one linear pass.
+
+    ``\\{`` and ``\\}`` are literal braces and ``\\\\`` is a line break, so a backslash
+    always consumes the next character.
+    """
     matches: dict[int, int] = {}
     stack: list[int] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # \{ and \} are literal braces; \\ is a line break
-            continue
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            matches[stack.pop()] = i
-        i += 1
+    for token in _BRACE_TOKEN.finditer(text):
+        if token.group() == "{":
+            stack.append(token.start())
+        elif token.group() == "}" and stack:
+            matches[stack.pop()] = token.start()
     return matches
+
+
+_MAX_BOXES = 1000  # more top-level boxes than this is spraying, not an answer
 
 
 def _top_level_boxes(text: str) -> tuple[list[str], list[int]] | None:
@@ -160,6 +169,8 @@ def _top_level_boxes(text: str) -> tuple[list[str], list[int]] | None:
     for found in _BOX_START.finditer(text):
         if found.start() < covered_until:
             continue  # nested inside the previous top-level box
+        if len(contents) == _MAX_BOXES:
+            return None
         open_brace = found.end() - 1
         close_brace = matches.get(open_brace)
         if close_brace is None:
@@ -215,6 +226,9 @@ def _is_plausible_answer(answer: str, policy: GradingPolicy) -> bool:
     )
 
 
+_MAX_SPELLINGS = 32  # more differently written final answers than this is spraying
+
+
 def _candidate_answers(completion: str, policy: GradingPolicy) -> list[str] | None:
     """All final-answer candidates of a completion (last = the answer), or None if refused."""
     if not completion or len(completion) > policy.max_completion_chars:
@@ -232,9 +246,12 @@ def _candidate_answers(completion: str, policy: GradingPolicy) -> list[str] | No
         candidates = []
     if not candidates:
         return None
-    if not all(_is_plausible_answer(c, policy) for c in candidates):
+    spellings = set(candidates)
+    if len(spellings) > _MAX_SPELLINGS:
         return None
-    distinct = {_comparison_key(normalize_answer(c)) for c in candidates}
+    if not all(_is_plausible_answer(c, policy) for c in spellings):
+        return None
+    distinct = {_comparison_key(normalize_answer(c)) for c in spellings}
     if len(distinct) > policy.max_distinct_answers:
         return None
     return candidates
@@ -342,7 +359,7 @@ def normalize_answer(text: str) -> str:
     return s
 
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"  # unambiguous: no quadratic backtracking
 _DECIMAL = re.compile(rf"({_NUMBER})(?:[eE]([-+]?\d+))?")
 _SLASH_FRACTION = re.compile(rf"({_NUMBER})/({_NUMBER})")
 _LATEX_FRACTION = re.compile(rf"([-+]?)\\frac\{{({_NUMBER})\}}\{{({_NUMBER})\}}")
