@@ -15,7 +15,9 @@ Extraction
     for DAPO-style datasets whose gold is an integer and whose format is fixed).
 Anti-hacking (any of these makes the completion ungradable, i.e. ``False``)
   * empty completions, answers with no letter or digit (``{``, ``.``, ``\\{\\}``), answers
-    longer than ``max_answer_chars``, completions longer than ``max_completion_chars``;
+    longer than ``max_answer_chars`` (300) or nested deeper than ``max_brace_depth`` (32),
+    completions longer than ``max_completion_chars`` (200k), more than 1000 top-level boxes
+    or more than 32 different spellings of the final answer;
   * control characters (NUL etc.) anywhere in the completion;
   * several *different* final answers: all top-level boxes (or, in the fallback, all answer
     lines) must agree after normalisation (``max_distinct_answers``, default 1). Spraying
@@ -36,6 +38,9 @@ Equivalence, in order: exact normalised string; exact rationals (integers, decim
   then symbolic, via math-verify's LaTeX parser and comparator (never its Python-expression
   parser, which calls ``eval``), in a separate worker process.
 Bounded work
+  * Extraction and normalisation are linear-time (one brace-matching pass, regexes with
+    bounded whitespace quantifiers and unambiguous number patterns): ~0.3 s worst case at
+    the 200k-character limit.
   * Pre-checks refuse symbolic work on answers that are long, non-ASCII, contain exponent
     towers (``a^{b^{c}}``, ``a^b^c``), exponents or factorials above 10,000, or
     code-looking text (``__``, quotes). Such answers can still match by string/rational.
