@@ -158,3 +158,25 @@ def tree_shardings(logical_tree: Any, shape_tree: Any, mesh: Mesh, rules: Rules 
         lambda logical, shape: named_sharding(logical, mesh, shape, rules),
         logical_tree, shape_tree, is_leaf=lambda x: isinstance(x, tuple),
     )
+
+
+def shardings_like_params(tree: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """NamedSharding per leaf of ``tree`` (arrays or ShapeDtypeStructs), e.g. an optax state.
+
+    A leaf whose tree path ends with a parameter's path (as AdamW's mu / nu do) gets that
+    parameter's sharding; every other leaf (step counts, scalars) is replicated.
+    """
+    by_path = {
+        tuple(str(k) for k in path): sharding
+        for path, sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]
+    }
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+
+    def choose(path, _leaf):
+        keys = tuple(str(k) for k in path)
+        for n in lengths:
+            if len(keys) >= n and keys[-n:] in by_path:
+                return by_path[keys[-n:]]
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(choose, tree)
