@@ -248,3 +248,24 @@ def test_bad_config_raises_naming_the_field(changes, field):
 def test_bucket_size():
     assert [engine.bucket_size(x, 16) for x in (1, 16, 17, 100)] == [16, 16, 32, 128]
     assert [engine.bucket_size(x) for x in (1, 3, 4, 5)] == [1, 4, 4, 8]
+
+
+def test_pallas_kernels_in_the_engine_match_reference():
+    """Sampler and decode-attention kernels (interpret mode on CPU) inside the decode loop."""
+    from jaxrl.models.config import ModelConfig
+    from jaxrl.models.transformer import Transformer, init_params
+
+    model_cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                            num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, eos_token_id=2,
+                            pad_token_id=0)
+    model = Transformer(model_cfg, params=init_params(model_cfg, jax.random.key(0), std=0.3))
+    cfg = SamplingConfig(max_prompt_tokens=8, max_new_tokens=6, min_prompt_bucket=8,
+                         min_new_tokens_bucket=8, stop_token_ids=(), top_k=20, top_p=0.9,
+                         impl="reference")
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14]]
+    reference = generate(model, prompts, 2, cfg, jax.random.key(1))
+    kernels = generate(model, prompts, 2, cfg.replace(impl="pallas"), jax.random.key(1))
+    jax.block_until_ready(kernels)
+    np.testing.assert_array_equal(np.asarray(kernels.tokens), np.asarray(reference.tokens))
+    np.testing.assert_allclose(np.asarray(kernels.logprobs), np.asarray(reference.logprobs), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kernels.entropies), np.asarray(reference.entropies), atol=1e-5)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxrl.kernels.attention import decode_attention
 from jaxrl.kernels.sampling import make_key_data, sample_tokens
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import (
@@ -169,17 +170,17 @@ def resolve_impl(impl: str) -> str:
 
 
 def _decode_attention_fn(impl: str) -> DecodeAttentionFn | None:
-    """The single-token attention for decode: None = the model's own jnp attention."""
-    if impl == "reference":
+    """The single-token attention for decode ("auto" | "pallas" | "reference").
+
+    None means the model's own jnp attention over the cache (what "reference" and CPU "auto"
+    use). On GPU/TPU "auto" defers to ``decode_attention(impl="auto")``, which picks the Pallas
+    kernel where it supports the head size; "pallas" forces the kernel (interpret mode on CPU).
+    """
+    if impl == "reference" or (impl == "auto" and jax.default_backend() == "cpu"):
         return None
-    try:
-        from jaxrl.kernels.attention import decode_attention
-    except ImportError as err:
-        raise ValueError(
-            "SamplingConfig.attention_impl resolved to 'pallas' but jaxrl.kernels.attention."
-            "decode_attention is not available; set attention_impl='reference'"
-        ) from err
-    return functools.partial(decode_attention, impl="pallas")
+    if impl not in ("auto", "pallas"):
+        raise ValueError(f"SamplingConfig.attention_impl must be one of {IMPLS}, got {impl!r}")
+    return functools.partial(decode_attention, impl=impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,7 +388,7 @@ def generate_from_params(params: Params, model_cfg: ModelConfig, prompt_tokens: 
         new_tokens_bucket=bucket_size(cfg.max_new_tokens, cfg.min_new_tokens_bucket),
         pad_id=pad_id,
         sampler_impl=resolve_impl(cfg.sampler_impl or cfg.impl),
-        attention_impl=resolve_impl(cfg.attention_impl or cfg.impl),
+        attention_impl=cfg.attention_impl or cfg.impl,
     )
     num_rows, padded_rows = num_prompts * n, padded_prompts * n
     row_temperature = _row_control("temperature", temperature, cfg.temperature, jnp.float32, num_rows, padded_rows, 0.0)
