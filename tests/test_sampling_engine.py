@@ -250,15 +250,42 @@ def test_bucket_size():
     assert [engine.bucket_size(x) for x in (1, 3, 4, 5)] == [1, 4, 4, 8]
 
 
-def test_pallas_kernels_in_the_engine_match_reference():
-    """Sampler and decode-attention kernels (interpret mode on CPU) inside the decode loop."""
+@pytest.fixture(scope="module")
+def tiny_native():
+    """A 1-layer llama with head_dim 16 (the Pallas attention kernel needs a power of two)."""
     from jaxrl.models.config import ModelConfig
     from jaxrl.models.transformer import Transformer, init_params
 
     model_cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
                             num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, eos_token_id=2,
                             pad_token_id=0)
-    model = Transformer(model_cfg, params=init_params(model_cfg, jax.random.key(0), std=0.3))
+    return Transformer(model_cfg, params=init_params(model_cfg, jax.random.key(0), std=0.3))
+
+
+def test_generate_from_params_under_jit_matches_eager(tiny_native):
+    """The training loop's entry point traces under an outer jit (device arrays in and out)."""
+    import functools
+
+    from jaxrl.models.transformer import model_params
+
+    cfg = SamplingConfig(max_prompt_tokens=8, max_new_tokens=6, min_prompt_bucket=8,
+                         min_new_tokens_bucket=8, impl="reference")
+    tokens = jnp.array([[0, 0, 5, 6, 7, 8, 9, 10], [0, 0, 0, 0, 0, 3, 4, 5]], jnp.int32)
+    lengths = jnp.array([6, 3], jnp.int32)
+    params = model_params(tiny_native)
+    jitted = jax.jit(functools.partial(engine.generate_from_params, model_cfg=tiny_native.config,
+                                       n=2, cfg=cfg))
+    inside = jitted(params, prompt_tokens=tokens, prompt_lengths=lengths, key=jax.random.key(3))
+    eager = engine.generate_from_params(params, tiny_native.config, tokens, lengths, 2, cfg,
+                                        jax.random.key(3))
+    for field in ("tokens", "lengths", "finish_reason", "group_ids", "prompt_tokens"):
+        np.testing.assert_array_equal(np.asarray(getattr(inside, field)), np.asarray(getattr(eager, field)))
+    np.testing.assert_allclose(np.asarray(inside.logprobs), np.asarray(eager.logprobs), atol=1e-5)
+
+
+def test_pallas_kernels_in_the_engine_match_reference(tiny_native):
+    """Sampler and decode-attention kernels (interpret mode on CPU) inside the decode loop."""
+    model = tiny_native
     cfg = SamplingConfig(max_prompt_tokens=8, max_new_tokens=6, min_prompt_bucket=8,
                          min_new_tokens_bucket=8, stop_token_ids=(), top_k=20, top_p=0.9,
                          impl="reference")
