@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import importlib.util
 import json
 import os
@@ -89,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rewards.format_weight = 0.0  # weight of the format reward (0 = not computed)
     c.rewards.overlong_penalty = False  # DAPO soft overlong punishment added to the reward
     c.rewards.overlong_buffer = 16  # L_cache of the soft overlong punishment (tokens)
+    c.rewards.custom = ()  # extra rewarders "package.module:function=weight" (weight default 1)
     c.rewards.num_workers = 0  # reward process pool size; 0 = inline in the trainer
     c.rewards.timeout_s = 10.0  # limit per rewarder call
     c.rewards.failure_reward = 0.0  # component value of a failed/hung call
@@ -489,6 +491,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
         raise ConfigError("data.train_files is empty but data.source='files'")
     if cfg.data.source == "files" and cfg.eval.every_steps and not cfg.eval.files:
         raise ConfigError("eval.every_steps > 0 with data.source='files' needs eval.files")
+    for spec in cfg.rewards.custom:
+        resolve_rewarder_spec(spec)
     if check_files:
         _check_model_dir(cfg.model.path, "model.path")
         if cfg.model.tokenizer_path and not os.path.isdir(cfg.model.tokenizer_path):
@@ -499,6 +503,26 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
             _check_files(cfg.eval.files, "eval.files")
     if num_devices is not None:
         mesh_shape(cfg, num_devices)
+
+
+def resolve_rewarder_spec(spec: str) -> tuple[str, Any, float]:
+    """``"pkg.mod:fn=weight"`` → (name "fn", the function, weight); ConfigError naming rewards.custom."""
+    target, _, weight_text = spec.partition("=")
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise ConfigError(f"rewards.custom entry {spec!r} must look like 'package.module:function=weight'")
+    try:
+        weight = float(weight_text) if weight_text else 1.0
+    except ValueError:
+        raise ConfigError(f"rewards.custom entry {spec!r}: weight {weight_text!r} is not a number") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"rewards.custom entry {spec!r}: cannot import {module_name!r} ({error})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"rewards.custom entry {spec!r}: {module_name} has no function {function_name!r}")
+    return function_name, function, weight
 
 
 def _check_model_dir(path: str, key: str) -> None:
