@@ -201,6 +201,16 @@ def test_max_new_tokens_is_trimmed_and_respected(qwen3):
     assert np.all(np.asarray(rollout.finish_reason) == FINISH_LENGTH)
 
 
+def test_every_row_stopping_on_its_first_token(qwen3):
+    cfg = BASE.replace(stop_token_ids=tuple(range(qwen3.config.vocab_size)))
+    prompts = _prompts(qwen3.config.vocab_size, PROMPT_LENGTHS, seed=10)
+    rollout = generate(qwen3, prompts, 2, cfg, jax.random.key(7))
+    assert np.all(np.asarray(rollout.lengths) == 1)
+    assert np.all(np.asarray(rollout.finish_reason) == FINISH_STOP)
+    assert np.all(np.asarray(rollout.tokens)[:, 1:] == PAD)
+    assert np.all(np.asarray(rollout.logprobs)[:, 0] < 0.0)
+
+
 class _FakeModel:
     """Only ``config`` is read before validation fails."""
 
