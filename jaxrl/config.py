@@ -170,8 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_prompts = 16  # prompts per generation call
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1  # data-parallel axis; -1 = all devices not used by fsdp/tensor
-    c.mesh.fsdp = 1  # fully sharded data parallel axis
+    c.mesh.data = -1  # data-parallel axis; -1 = the devices not used by the other axes
+    c.mesh.fsdp = 1  # fully sharded data parallel axis (one axis may be -1)
     c.mesh.tensor = 1  # tensor-parallel axis
     c.lock()
     return c
@@ -393,25 +393,13 @@ def loss_config(cfg: ml_collections.ConfigDict) -> LossConfig:
 
 
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with data = -1 resolved; ConfigError when it does not fit."""
-    data, fsdp, tensor = cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor
-    for key, value in (("mesh.fsdp", fsdp), ("mesh.tensor", tensor)):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if data == -1:
-        if num_devices % (fsdp * tensor):
-            raise ConfigError(
-                f"mesh.fsdp * mesh.tensor = {fsdp * tensor} does not divide the {num_devices} devices"
-            )
-        data = num_devices // (fsdp * tensor)
-    if data < 1:
-        raise ConfigError(f"mesh.data must be >= 1 or -1, got {data}")
-    if data * fsdp * tensor != num_devices:
-        raise ConfigError(
-            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} devices, "
-            f"but {num_devices} are available (set mesh.data=-1 to use all)"
-        )
-    return data, fsdp, tensor
+    """(data, fsdp, tensor) with one -1 axis inferred; ConfigError when it does not fit."""
+    from jaxrl.sharding.mesh import resolve_axis_sizes
+
+    try:
+        return resolve_axis_sizes(num_devices, cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as error:
+        raise ConfigError(f"mesh: {error}") from None
 
 
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, check_files: bool = True) -> None:

@@ -45,12 +45,12 @@ def make_tiny_model_dir(path: str) -> str:
     return path
 
 
-def tiny_config(model_dir: str, root: str, name: str, algorithm: str = "grpo", **overrides):
+def tiny_config(model_dir: str, root: str, algorithm: str = "grpo", *, name: str | None = None, **overrides):
     """A 2-prompt × 4-sample config on the synthetic task for the given algorithm."""
     cfg = base_config()
     cfg.model.path = model_dir
     cfg.run.root = root
-    cfg.run.name = name
+    cfg.run.name = name or algorithm
     cfg.data.synthetic_num_train = 64
     cfg.data.synthetic_num_heldout = 8
     cfg.data.max_prompt_tokens = 32
@@ -154,7 +154,7 @@ def test_three_steps_finite_metrics_and_no_recompilation(tiny_model_dir, tmp_pat
 def test_same_seed_gives_identical_metrics_for_four_steps(tiny_model_dir, tmp_path):
     runs = []
     for name in ("first", "second"):
-        cfg = tiny_config(tiny_model_dir, str(tmp_path), "dapo_forking", train__num_steps=4, run__name=name)
+        cfg = tiny_config(tiny_model_dir, str(tmp_path), "dapo_forking", name=name, train__num_steps=4)
         runs.append(loop.train(cfg))
     first, second = ([comparable(m) for m in run.metrics] for run in runs)
     assert len(first) == 4 and first == second

@@ -1,0 +1,241 @@
+"""``jaxrl`` command line: train | eval | export | plot | sample | plan | ablate.
+
+User errors (bad config, missing files, a run that diverged) print one line to stderr and
+exit with status 2 (3 for a diverged run); programming errors keep their traceback.
+
+Examples::
+
+    jaxrl train --config configs/default.py --config.rl.lr=1e-6 --config.run.name=try1
+    jaxrl eval --config configs/default.py --model runs/try1/final_model --out eval.json
+    jaxrl export runs/try1 --out exported_model [--step 40]
+    jaxrl plot runs/try1
+    jaxrl sample --model runs/try1/final_model --prompt "make 9 from 3 5 7" --n 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Sequence
+
+USER_ERROR = 2
+DIVERGED = 3
+DEFAULT_CONFIG = "configs/default.py"
+
+
+class UserError(Exception):
+    """An error in what the user asked for; printed as one line."""
+
+
+def _load_config(path: str, overrides: Sequence[str]):
+    from jaxrl.config import load_config
+
+    return load_config(path, list(overrides))
+
+
+def cmd_train(args, overrides) -> int:
+    import jax
+
+    from jaxrl.config import validate
+    from jaxrl.sharding.mesh import maybe_initialize_distributed
+    from jaxrl.train.loop import train
+
+    maybe_initialize_distributed()
+    cfg = _load_config(args.config, overrides)
+    if args.resume is not None:
+        cfg.checkpoint.resume = "on" if args.resume else "off"
+    validate(cfg, num_devices=jax.device_count())
+    result = train(cfg)
+    print(f"{result.stop_reason}: step {int(result.state.step)}, run dir {result.run_dir}")
+    return 0
+
+
+def cmd_eval(args, overrides) -> int:
+    import jax
+
+    from jaxrl.data.tokenizer import load_tokenizer
+    from jaxrl.eval.evaluate import evaluate_records, load_eval_records
+    from jaxrl.models import from_pretrained, model_params
+
+    cfg = _load_config(args.config, overrides)
+    model_dir = args.model or cfg.model.path
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UserError(f"--model: no HF model (config.json) in {model_dir}")
+    model, model_cfg = from_pretrained(model_dir, dtype=cfg.model.dtype)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir)
+    records = load_eval_records(cfg, tokenizer)
+    report = evaluate_records(model_params(model), model_cfg, tokenizer, records, cfg,
+                              key=jax.random.PRNGKey(cfg.run.seed))
+    report["model"] = os.path.abspath(model_dir)
+    out = args.out or os.path.join(cfg.run.root, cfg.run.name, "eval", "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(json.dumps(report["summary"], indent=2))
+    print(f"report: {out}")
+    return 0
+
+
+def export_run(run_dir: str, out_dir: str, step: int | None = None) -> int:
+    """Writes the policy of checkpoint ``step`` (default newest) of ``run_dir`` as an HF dir."""
+    from jaxrl.config import config_from_json
+    from jaxrl.models import from_pretrained, model_params, save_pretrained, with_params
+    from jaxrl.train import step as train_step
+    from jaxrl.train.checkpoint import Checkpointer
+
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{run_dir} is not a run directory (no config.json)")
+    with open(config_path) as handle:
+        cfg = config_from_json(handle.read())
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.checkpoint.keep, async_save=False)
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise UserError(f"{run_dir}/checkpoints holds no checkpoint")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise UserError(f"no checkpoint for step {step} in {run_dir} (have {steps})")
+        model, _ = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+        optimizer = train_step.make_optimizer(cfg)
+        template = train_step.init_train_state(model_params(model), optimizer, cfg.run.seed)
+        state, _ = checkpointer.restore(step, template)
+    finally:
+        checkpointer.close()
+    save_pretrained(with_params(model, state.params), out_dir)
+    return step
+
+
+def cmd_export(args, overrides) -> int:
+    if overrides:
+        raise UserError(f"export takes no config overrides, got {overrides}")
+    out = args.out or os.path.join(args.run_dir, "exported_model")
+    step = export_run(args.run_dir, out, args.step)
+    print(f"exported step {step} of {args.run_dir} to {out}")
+    return 0
+
+
+def cmd_plot(args, overrides) -> int:
+    from jaxrl.train.metrics import plot_run
+
+    if overrides:
+        raise UserError(f"plot takes no config overrides, got {overrides}")
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def cmd_sample(args, overrides) -> int:
+    import jax
+
+    from jaxrl.data.tokenizer import decode_completion, encode_prompt, load_tokenizer
+    from jaxrl.models import from_pretrained
+    from jaxrl.sampling.engine import SamplingConfig, generate
+
+    if overrides:
+        raise UserError(f"sample takes no config overrides, got {overrides}")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UserError(f"--model: no HF model (config.json) in {args.model}")
+    model, _ = from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
+    ids = encode_prompt(tokenizer, args.prompt, use_chat_template=not args.no_chat_template)
+    cfg = SamplingConfig(max_prompt_tokens=max(len(ids), 1), max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p)
+    rollout = generate(model, [ids], args.n, cfg, jax.random.PRNGKey(args.seed))
+    tokens, lengths = jax.device_get((rollout.tokens, rollout.lengths))
+    for i in range(args.n):
+        print(f"--- sample {i} ({int(lengths[i])} tokens)")
+        print(decode_completion(tokenizer, tokens[i, : lengths[i]]))
+    return 0
+
+
+def _delegate(module_name: str, what: str):
+    """A subcommand implemented by another module's ``main(argv)`` (if it exists)."""
+
+    def run(args, overrides) -> int:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            raise UserError(f"'jaxrl {what}' is not available in this installation ({module_name} missing)") from None
+        return int(module.main(list(args.rest) + list(overrides)) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxrl", description="JAX-native RL post-training for LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run or resume an experiment (config overrides: --config.rl.lr=1e-6)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment file with get_config() (default {DEFAULT_CONFIG})")
+    p.add_argument("--resume", dest="resume", action="store_true", default=None, help="require a checkpoint to resume")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="start fresh even if checkpoints exist")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="greedy accuracy, avg@k, pass@k of a model → JSON report")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--model", default=None, help="HF model directory (default: model.path of the config)")
+    p.add_argument("--out", default=None, help="report path (default RUN_DIR/eval/eval.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run's checkpoint as an HF model directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/exported_model)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", help="PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("sample", help="generate completions for one prompt")
+    p.add_argument("--model", required=True, help="HF model directory (tokenizer files inside)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat-template", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    for name, module, text in (("plan", "jaxrl.sharding.planner", "memory planner"),
+                               ("ablate", "jaxrl.ablate", "ablation runner")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module, name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxrl`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Anything argparse does not know is a config override; parse_overrides rejects the rest.
+    args, overrides = parser.parse_known_args(argv)
+    from jaxrl.config import ConfigError
+    from jaxrl.train.loop import TrainingDiverged
+
+    try:
+        return args.func(args, overrides)
+    except (ConfigError, UserError, FileNotFoundError) as error:
+        print(f"jaxrl {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return USER_ERROR
+    except TrainingDiverged as error:
+        print(f"jaxrl {args.command}: stopped: {_one_line(error)}", file=sys.stderr)
+        return DIVERGED
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
