@@ -194,10 +194,36 @@ def _import_config_file(path: str) -> ml_collections.ConfigDict:
     try:
         cfg = module.get_config()
     except (AttributeError, KeyError, TypeError) as error:
-        raise ConfigError(f"{path}: get_config(): {_short(error)}") from None
+        raise ConfigError(f"{path}: get_config(): {_describe_locked_error(error)}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     return cfg
+
+
+def _dotted_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg.keys():
+        keys.append(prefix + key)
+        if isinstance(cfg[key], ml_collections.ConfigDict):
+            keys.extend(_dotted_keys(cfg[key], prefix + key + "."))
+    return keys
+
+
+def _describe_locked_error(error: BaseException) -> str:
+    """'unknown config key 'x'; did you mean 'a.b.y'?' for ml_collections' locked-key error."""
+    import re
+
+    match = re.search(r'Key "([^"]+)" does not exist', str(error))
+    if not match:
+        return _short(error)
+    name = match.group(1)
+    known = _dotted_keys(base_config())
+    leaf_to_dotted = {}
+    for dotted in known:
+        leaf_to_dotted.setdefault(dotted.split(".")[-1], dotted)
+    hint = difflib.get_close_matches(name, list(leaf_to_dotted), n=1)
+    suggestion = f"; did you mean {leaf_to_dotted[hint[0]]!r}?" if hint else ""
+    return f"unknown config key {name!r}{suggestion}"
 
 
 def _short(error: BaseException) -> str:
