@@ -46,6 +46,11 @@ def _max_diff(a, b):
 
 def run_on(mesh, params_host, batch_host, entropy_host, valid_host):
     """All computations with params and data placed by the sharding rules on ``mesh``."""
+    with jax.set_mesh(mesh):  # the model's activation constraints read the mesh from context
+        return _run_on(mesh, params_host, batch_host, entropy_host, valid_host)
+
+
+def _run_on(mesh, params_host, batch_host, entropy_host, valid_host):
     p_sh = param_shardings(common.TINY, mesh)
     params = jax.device_put(params_host, p_sh)
     b_sh = {k: named_sharding(v, mesh, batch_host[k].shape) for k, v in common.BATCH_AXES.items()}

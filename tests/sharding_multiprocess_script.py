@@ -93,11 +93,12 @@ def main():
                         in_shardings=(token_sh, token_sh), out_shardings=token_sh)
 
     losses = []
-    for step in range(2):
-        batch = to_global(host_train_batch(step), batch_sh)
-        select = select_fn(batch.rollout_entropy, batch.loss_mask)
-        state, metrics = update(state, batch, select)
-        losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
+    with jax.set_mesh(mesh):  # the model's activation constraints read the mesh from context
+        for step in range(2):
+            batch = to_global(host_train_batch(step), batch_sh)
+            select = select_fn(batch.rollout_entropy, batch.loss_mask)
+            state, metrics = update(state, batch, select)
+            losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
 
     gathered = jax.jit(lambda p: p, out_shardings=rep)(state.params)
     flat = {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))

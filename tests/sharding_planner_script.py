@@ -53,7 +53,9 @@ def memory_of_update(case: dict) -> dict:
                             chunk_size=case["chunk"],
                             in_shardings=(state_sh, batch_sh, batch_sh.loss_mask),
                             out_shardings=(state_sh, rep))
-    compiled = update.lower(abstract, batch, jax.ShapeDtypeStruct((rows, response), jnp.bool_)).compile()
+    with jax.set_mesh(mesh):  # the model's activation constraints read the mesh from context
+        lowered = update.lower(abstract, batch, jax.ShapeDtypeStruct((rows, response), jnp.bool_))
+    compiled = lowered.compile()
     analysis = compiled.memory_analysis()
     return {name: int(getattr(analysis, name)) for name in (
         "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")}

@@ -17,6 +17,8 @@ from jaxrl.sharding.rules import logical_to_spec, param_shardings, rules_without
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
+# Less LLVM optimisation: the subprocess compiles ~15 tiny programs; this halves its CPU time.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def test_resolve_axis_sizes_infers_and_names_the_bad_axis():
@@ -79,7 +81,7 @@ def test_detect_cluster_and_noop_initialize():
 
 @pytest.fixture(scope="module")
 def eight_device_results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + FAST_COMPILE,
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_mesh_script.py")],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -18,7 +18,8 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {fast_compile}",
                 JAX_PLATFORMS="cpu")
 
 

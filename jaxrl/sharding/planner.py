@@ -390,8 +390,8 @@ def _advice(cfg: ModelConfig, settings: PlanSettings, hardware: Hardware) -> lis
     """Knobs to turn, in order, until the step fits (each applied on top of the previous ones).
 
     Order (cheapest in throughput first): train phase: remat=full, a smaller gradient
-    micro-batch, a smaller log-prob chunk, blocked attention, all data-parallel devices into
-    fsdp, more tensor parallelism; sample phase: fewer rollout rows in flight.
+    micro-batch, a smaller log-prob chunk, more tensor parallelism (from fsdp), blocked
+    attention, all data-parallel devices into fsdp; sample phase: fewer rollout rows in flight.
     """
     budget = hardware.usable_bytes
     steps: list[str] = []
@@ -412,9 +412,10 @@ def _advice(cfg: ModelConfig, settings: PlanSettings, hardware: Hardware) -> lis
         if current.logprob_chunk > 128:
             candidates.append(("rl.logprob_chunk_size=128",
                                lambda s: dataclasses.replace(s, logprob_chunk=128)))
+        candidates.append(("tensor", None))
         if current.attention == "jnp":
             candidates.append(("a blocked (flash) attention kernel in the training forward "
-                               "(removes the S^2 float32 scores)",
+                               "(removes the S^2 float32 scores; not in jaxrl yet)",
                                lambda s: dataclasses.replace(s, attention="flash")))
         if sizes["data"] > 1:
             candidates.append((f"mesh.data=1 mesh.fsdp={sizes['data'] * sizes['fsdp']}",
@@ -434,7 +435,25 @@ def _advice(cfg: ModelConfig, settings: PlanSettings, hardware: Hardware) -> lis
                     current = dataclasses.replace(current, micro_batch_rows=row_unit)
                     steps.append(f"rl.micro_batch_rows={row_unit} (1 per device)")
                 continue
-            current = change(current)
+            if name == "tensor":
+                # more tensor parallelism (taken from fsdp) while it divides the heads and helps
+                while train_of(current) > budget:
+                    d, f, t = _mesh_sizes(current.mesh, hardware.num_devices).values()
+                    if f % 2 or cfg.num_heads % (2 * t):
+                        break
+                    # keep the rows per device: fewer rows per micro-batch on fewer batch shards
+                    micro = max(d * (f // 2), current.micro_batch_rows // 2)
+                    wider = dataclasses.replace(current, mesh=(d, f // 2, 2 * t), micro_batch_rows=micro)
+                    if train_of(current) - train_of(wider) < 0.01 * budget:
+                        break
+                    current = wider
+                    steps.append(f"mesh.fsdp={f // 2} mesh.tensor={2 * t} rl.micro_batch_rows={micro} "
+                                 "(heads, MLP, vocab and attention scores split further)")
+                continue
+            changed = change(current)
+            if train_of(current) - train_of(changed) < 0.01 * budget:
+                continue  # saves too little to be worth naming
+            current = changed
             steps.append(name)
         if train_of(current) > budget:
             steps.append(f"train phase still needs {train_of(current) / GIB:.1f} GiB/device: "
@@ -450,7 +469,7 @@ def _advice(cfg: ModelConfig, settings: PlanSettings, hardware: Hardware) -> lis
         else:
             rows = per_device * row_unit
             rounds = -(-settings.sampling_rows // rows)
-            steps.append(f"decode at most {rows} rollout rows at a time ({per_device} per device; "
+            steps.append(f"decode at most {rows} rollout rows at a time ({per_device} per batch shard; "
                          f"{settings.sampling_rows} rows in {rounds} rounds)")
             current = dataclasses.replace(current, sampling_rows=rows)
     final = plan(cfg, current, hardware, search_knobs=False)

@@ -16,12 +16,13 @@ The rules are applied only through ``jit`` in/out shardings (and ``device_put`` 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrl.models.config import ModelConfig
+if TYPE_CHECKING:  # the model imports ``constrain`` from here; no import cycle at run time
+    from jaxrl.models.config import ModelConfig
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
@@ -180,3 +181,19 @@ def shardings_like_params(tree: Any, params_shardings: Any, mesh: Mesh) -> Any:
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(choose, tree)
+
+
+def constrain(x: jax.Array, kind: str | tuple[str | None, ...], rules: Rules | None = None) -> jax.Array:
+    """Pin an activation's layout by logical axes under the mesh set with ``jax.set_mesh``.
+
+    kind: a key of ``ACTIVATION_AXES`` ("hidden", "tokens", ...) or a logical-axes tuple.
+    Without a mesh in context (single-device code, tests) it returns ``x`` unchanged. Meant for
+    the residual stream inside the layer scan: without it, on an fsdp mesh XLA may keep the
+    batch whole and shard the hidden dimension instead (activations replicated over fsdp).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    logical = ACTIVATION_AXES[kind] if isinstance(kind, str) else kind
+    spec = logical_to_spec(logical, x.shape, dict(mesh.shape), rules)
+    return jax.lax.with_sharding_constraint(x, spec)
