@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxrl.models.config import ModelConfig
+from jaxrl.sharding.rules import constrain
 
 Params = dict[str, Any]
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked rows give no NaN
@@ -258,6 +259,7 @@ def decoder_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array,
     inv_freq = rope_inverse_frequencies(cfg)
 
     def layer(x, p):
+        x = constrain(x, "hidden")  # keep rows sharded over data/fsdp under a mesh (no-op without)
         out, _ = _block(cfg, inv_freq, x, p, positions, lambda q, k, v: (attention(q, k, v, mask), None))
         return out, None
 
@@ -288,6 +290,7 @@ def decoder_hidden_with_cache(params: Params, cfg: ModelConfig, tokens: jax.Arra
 
     def layer(x, xs):
         p, k_cache, v_cache = xs
+        x = constrain(x, "hidden")
 
         def attend(q, k, v):
             k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
