@@ -15,8 +15,12 @@ import sys
 import jax
 
 if len(sys.argv) > 2:
-    # Cross-process collectives on CPU go through gloo (the flag is the default in recent jax).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives on CPU go through gloo (already the default in jax 0.10; the
+    # flag may be gone in later versions, where gloo stays the default).
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):
+        pass
     from jaxrl.sharding.mesh import maybe_initialize_distributed
 
     assert maybe_initialize_distributed({"coordinator_address": f"localhost:{sys.argv[2]}",

@@ -11,8 +11,9 @@ Phases (one device; everything per device):
 * persistent: master params + AdamW moments (+ a frozen reference model, + a separate
   sampling copy when the sampler uses another dtype or mesh).
 * train: persistent + gradients (the micro-batch gradient and the accumulator) + the
-  update's temporaries (one parameter-sized tree) + activations of one micro-batch under the
-  remat policy + the log-prob/entropy chunk buffers + FSDP-gathered weights of one layer.
+  update's temporaries + activations of one micro-batch under the remat policy + the
+  log-prob/entropy chunk buffers + the layer weights gathered over fsdp (XLA hoists that
+  all-gather out of the layer scan, so all layers' weights are gathered at once).
 * sample: persistent + KV cache of the concurrent rollout rows + one decode step's logits.
 
 Peak = max(train, sample). Units: bytes; GiB = 2**30 bytes.
@@ -23,8 +24,10 @@ residual-sized terms ``b·S·D·c``, head-sized ``b·S·Hq·hd·c``, MLP-sized `
 attention scores ``b·Hq·S·S`` in float32 (the jnp attention materialises them). remat
 "none" keeps every intermediate of every layer; "dots" keeps the matmul outputs (scores
 included); "full" keeps each layer's input and recomputes one layer at a time in the
-backward pass. The multipliers were fitted against XLA's ``memory_analysis()`` on CPU (see
-BENCHMARKS.md, "Memory planner").
+backward pass. The multipliers (``_UPDATE_TEMP_TREES``, ``_ACTIVATION_SCALE``) were fitted by
+least squares against XLA's ``memory_analysis()`` of ``jaxrl.train.step``'s update on an
+8-device CPU mesh for one small model and checked on another (BENCHMARKS.md, "Memory
+planner").
 """
 
 from __future__ import annotations
@@ -227,12 +230,11 @@ class Plan:
 
 # --------------------------------------------------------------------------- the model
 # Fitted multipliers (XLA CPU memory_analysis, see BENCHMARKS.md "Memory planner").
-_UPDATE_TEMP_TREES = 1.0     # optimizer-update temporaries, in parameter-sized trees
+_UPDATE_TEMP_TREES = 0.7     # optimizer-update temporaries, in parameter-sized trees
 _LOGITS_BUFFERS = 3.0        # [b, C, V] float32 buffers live in one log-prob chunk (fwd+bwd)
-_FULL_REMAT_LAYER_LIVE = 2.0  # one layer's intermediates and their cotangents (backward)
-# XLA keeps more per layer than the named intermediates (rope tables, broadcast masks, softmax
-# pieces, f32 copies): saved-activation bytes relative to the count in ``activation_bytes``.
-_SAVED_SCALE = {"none": 2.5, "dots": 1.4, "full": 1.0}
+# XLA's activation bytes relative to the count in ``activation_bytes`` (it keeps rope tables,
+# broadcast masks and softmax pieces, and reuses buffers of dead intermediates).
+_ACTIVATION_SCALE = {"none": 1.1, "dots": 0.7, "full": 0.67}
 
 
 def _mesh_sizes(mesh: tuple[int, int, int], num_devices: int) -> dict[str, int]:
@@ -243,25 +245,24 @@ def _mesh_sizes(mesh: tuple[int, int, int], num_devices: int) -> dict[str, int]:
 
 
 def _param_shard_elements(cfg: ModelConfig, sizes: dict[str, int], rules=None) -> tuple[int, int]:
-    """(elements of all parameter shards on one device, elements of one layer's weights gathered
-    over fsdp but still split over tensor)."""
-    from jaxrl.models.transformer import param_logical_axes, param_shapes
-    from jaxrl.sharding.rules import logical_to_spec, shard_shape
+    """(elements of all parameter shards on one device, elements of the layer weights on one
+    device once gathered over fsdp, i.e. still split over tensor)."""
     import jax
 
-    shapes = param_shapes(cfg)
-    axes = param_logical_axes(cfg)
-    flat_shapes = jax.tree_util.tree_leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    flat_axes = jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    from jaxrl.models.transformer import param_logical_axes, param_shapes
+    from jaxrl.sharding.rules import logical_to_spec, shard_shape
+
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    flat_shapes = jax.tree_util.tree_leaves(param_shapes(cfg), is_leaf=is_shape)
+    flat_axes = jax.tree_util.tree_leaves(param_logical_axes(cfg), is_leaf=is_shape)
     no_fsdp = dict(sizes, fsdp=1)
-    total = layer = 0
+    total = gathered = 0
     for shape, logical in zip(flat_shapes, flat_axes):
-        spec = logical_to_spec(logical, shape, sizes, rules)
-        total += math.prod(shard_shape(shape, spec, sizes))
+        total += math.prod(shard_shape(shape, logical_to_spec(logical, shape, sizes, rules), sizes))
         if logical and logical[0] == "layers":
-            gathered = shard_shape(shape, logical_to_spec(logical, shape, no_fsdp, rules), no_fsdp)
-            layer += math.prod(gathered) // shape[0]
-    return total, layer
+            spec = logical_to_spec(logical, shape, no_fsdp, rules)
+            gathered += math.prod(shard_shape(shape, spec, no_fsdp))
+    return total, gathered
 
 
 def _split(n: int, ways: int) -> int:
@@ -312,12 +313,12 @@ def activation_bytes(cfg: ModelConfig, settings: PlanSettings, sizes: dict[str, 
         live = layer_all
     else:
         saved = layers * residual
-        live = int(_FULL_REMAT_LAYER_LIVE * layer_all)
-    saved = int(_SAVED_SCALE[settings.remat] * saved)
+        live = layer_all
+    scale = _ACTIVATION_SCALE[settings.remat]
     chunk = min(settings.logprob_chunk, resp)
     logits = int(_LOGITS_BUFFERS * b * chunk * v * 4)
     hidden = 2 * b * resp * d * c + 2 * b * s * d * c  # final hidden + its cotangent, embeds
-    return {"activations_saved": saved, "activations_live": live + hidden,
+    return {"activations_saved": int(scale * saved), "activations_live": int(scale * (live + hidden)),
             "logprob_chunk_buffers": logits}
 
 
@@ -330,7 +331,7 @@ def plan(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware, *,
     sizes = _mesh_sizes(settings.mesh, hardware.num_devices)
     p = _DTYPE_BYTES[settings.param_dtype]
     c = _DTYPE_BYTES[settings.dtype]
-    param_elems, layer_elems = _param_shard_elements(model_cfg, sizes)
+    param_elems, gathered_elems = _param_shard_elements(model_cfg, sizes)
     comps: dict[str, int] = {}
     comps["params"] = param_elems * p
     comps["optimizer_state"] = 2 * param_elems * p
@@ -349,10 +350,12 @@ def plan(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware, *,
     accumulating = (settings.mini_batch_rows or settings.micro_batch_rows) > settings.micro_batch_rows
     comps["gradients"] = (2 if accumulating else 1) * param_elems * p
     comps["update_temporaries"] = int(_UPDATE_TEMP_TREES * param_elems * p)
-    comps["fsdp_gathered_layer"] = 2 * layer_elems * c if sizes["fsdp"] > 1 else 0
+    # XLA hoists the fsdp all-gather of the stacked layer weights out of the layer scan (seen
+    # in the compiled HLO): every layer's weights, gathered over fsdp, in the compute dtype.
+    comps["fsdp_gathered_weights"] = gathered_elems * c if sizes["fsdp"] > 1 else 0
     comps.update(activation_bytes(model_cfg, settings, sizes))
     train = persistent + sum(comps[k] for k in (
-        "gradients", "update_temporaries", "fsdp_gathered_layer", "activations_saved",
+        "gradients", "update_temporaries", "fsdp_gathered_weights", "activations_saved",
         "activations_live", "logprob_chunk_buffers"))
 
     kv_bytes = _DTYPE_BYTES[settings.kv_dtype or settings.dtype]
