@@ -70,7 +70,8 @@ class TrainBatch:
     positions: int32 [B, P + T], position ids (0 at the first real prompt token).
     targets: int32 [B, T], completion tokens (targets of positions P-1 .. P+T-2).
     loss_mask: float32 [B, T], 1 on completion tokens that enter the loss.
-    advantages: float32 [B], one scalar advantage per row (broadcast over tokens).
+    advantages: float32 [B], one scalar advantage per row (broadcast over tokens), or
+        [B, T] when per-token weights (truncated importance sampling) are folded in.
     old_logp: float32 [B, T], log-probs of the policy that sampled (or the recomputed ones).
     rollout_entropy: float32 [B, T], the sampler's entropies.
     group_ids: int32 [B].
