@@ -132,3 +132,34 @@ def test_load_into_shards_and_reshard_to_sampling_mesh(eight_device_results):
     moved = eight_device_results["reshard_other_mesh"]
     assert moved["max_diff"] == 0.0
     assert moved["q_proj_shard_shape"] == [2, 32, 8] and "fsdp" not in moved["q_proj_spec"]
+
+
+def test_constrain_is_identity_without_mesh_and_a_constraint_under_one():
+    import jax.numpy as jnp
+
+    from jaxrl.sharding.rules import constrain
+
+    x = jnp.ones((4, 3, 8))
+    assert constrain(x, "hidden") is x
+    mesh = make_mesh()
+    with jax.set_mesh(mesh):
+        text = jax.jit(lambda y: constrain(y, "hidden") * 2).lower(x).as_text()
+    assert "sharding" in text.lower()
+
+
+def test_optimizer_state_follows_parameter_shardings():
+    import optax
+
+    from jaxrl.models.transformer import init_params, param_shapes
+    from jaxrl.sharding.rules import shardings_like_params
+
+    cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    mesh = make_mesh()
+    p_sh = param_shardings(cfg, mesh)
+    state = jax.eval_shape(optax.adamw(1e-3).init, jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+    shardings = shardings_like_params(state, p_sh, mesh)
+    mu = shardings[0].mu
+    assert mu["blocks"]["q_proj"] is p_sh["blocks"]["q_proj"] and mu["embed"] is p_sh["embed"]
+    assert shardings[0].count.spec == P()
+    assert set(mu["blocks"]) == set(param_shapes(cfg)["blocks"])
