@@ -23,6 +23,7 @@ import sharding_common as common  # noqa: E402
 from jaxrl.models.hf_io import from_pretrained, save_pretrained  # noqa: E402
 from jaxrl.models.transformer import Transformer, init_params, model_params  # noqa: E402
 from jaxrl.rl.token_masks import forking_token_mask  # noqa: E402
+from jaxrl.sampling.engine import SamplingConfig, generate_from_params  # noqa: E402
 from jaxrl.sharding.mesh import make_mesh, replicated, reshard  # noqa: E402
 from jaxrl.sharding.rules import (kv_cache_shardings, named_sharding, param_shardings,  # noqa: E402
                                   rules_without_fsdp)
@@ -80,6 +81,17 @@ def _run_on(mesh, params_host, batch_host, entropy_host, valid_host):
     greedy, cache_k = jax.jit(sample, in_shardings=(p_sh, prompt_sh),
                               out_shardings=(prompt_sh, kv_sh.k))(params, jax.device_put(prompts_host, prompt_sh))
 
+    # The sampling engine itself, greedy (T = 0), on the sharded params: its jits follow the
+    # params' and prompts' shardings.
+    prompts = jax.device_put(prompts_host, prompt_sh)
+    lengths = jax.device_put(np.full(prompts_host.shape[0], common.PROMPT_LEN, np.int32),
+                             named_sharding("rows", mesh, (prompts_host.shape[0],)))
+    engine_cfg = SamplingConfig(max_prompt_tokens=common.PROMPT_LEN, max_new_tokens=STEPS,
+                                temperature=0.0, stop_token_ids=(), min_prompt_bucket=8,
+                                min_new_tokens_bucket=8, impl="reference")
+    engine_tokens = generate_from_params(params, common.TINY, prompts, lengths, 1, engine_cfg,
+                                         jax.random.key(0)).tokens
+
     ent_sh = named_sharding("tokens", mesh, entropy_host.shape)
     mask_fn = jax.jit(functools.partial(forking_token_mask, rho=0.2, mode="top"),
                       in_shardings=(ent_sh, ent_sh), out_shardings=(ent_sh, replicated(mesh)))
@@ -89,6 +101,7 @@ def _run_on(mesh, params_host, batch_host, entropy_host, valid_host):
         "logits": np.asarray(logits), "loss": float(loss),
         "loss_threshold": float(metrics["entropy_threshold"]),
         "grads": jax.device_get(grads), "greedy": np.asarray(greedy),
+        "engine_greedy": np.asarray(engine_tokens),
         "mask_threshold_bits": int(np.float32(threshold).view(np.uint32)),
         "mask": np.asarray(select),
         "shard_shapes": {name: list(_leaf(params, path).addressable_shards[0].data.shape)
@@ -138,7 +151,10 @@ def main():
 
     reference = run_on(make_mesh(1, 1, 1, devices=jax.devices()[:1]), params_host, batch_host,
                        entropy_host, valid_host)
-    out = {"reference": {"loss": reference["loss"], "loss_threshold": reference["loss_threshold"],
+    # the engine's greedy tokens continue the prompts exactly like the test's own decoder
+    engine_matches_decoder = bool(np.array_equal(reference["engine_greedy"], reference["greedy"]))
+    out = {"engine_matches_decoder": engine_matches_decoder,
+           "reference": {"loss": reference["loss"], "loss_threshold": reference["loss_threshold"],
                          "mask_threshold_bits": reference["mask_threshold_bits"],
                          "shard_shapes": reference["shard_shapes"]},
            "meshes": {}}
@@ -151,6 +167,7 @@ def main():
             "grads_max": _max_diff(reference["grads"], jax.tree_util.tree_map(np.zeros_like, reference["grads"])),
             "loss_threshold_diff": abs(got["loss_threshold"] - reference["loss_threshold"]),
             "greedy_equal": bool(np.array_equal(got["greedy"], reference["greedy"])),
+            "engine_greedy_equal": bool(np.array_equal(got["engine_greedy"], reference["engine_greedy"])),
             "mask_threshold_bits": got["mask_threshold_bits"],
             "mask_equal": bool(np.array_equal(got["mask"], reference["mask"])),
             "shard_shapes": got["shard_shapes"],

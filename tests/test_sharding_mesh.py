@@ -97,7 +97,12 @@ def test_meshes_match_single_device(eight_device_results, shape):
     assert got["grads_diff"] < TOL and got["grads_max"] > 1e-3  # non-trivial gradients
     assert got["loss_threshold_diff"] < TOL
     assert got["greedy_equal"]
+    assert got["engine_greedy_equal"]  # jaxrl.sampling.engine, T = 0, on the sharded params
     assert got["num_shards"] == 8
+
+
+def test_engine_greedy_matches_the_cache_decoder(eight_device_results):
+    assert eight_device_results["engine_matches_decoder"]
 
 
 def test_forking_threshold_identical_on_1_and_8_devices(eight_device_results):
