@@ -85,15 +85,42 @@ def left_pad(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray
     return tokens, mask
 
 
-def build_sft_arrays(tokenizer, problems: list[dict], prompt_length: int, completion_length: int):
+def wrong_fork_solution(example: dict, rng: np.random.Generator) -> str | None:
+    """A chain with correct arithmetic over a random order and signs that misses the target,
+    ending with its honest final value; None when the random chain happens to be correct."""
+    numbers = [int(n) for n in example["numbers"]]
+    order = rng.permutation(len(numbers))
+    signs = rng.choice(["+", "-"], size=len(numbers) - 1)
+    value, lines = numbers[order[0]], []
+    for index, sign in zip(order[1:], signs):
+        result = value + numbers[index] if sign == "+" else value - numbers[index]
+        lines.append(f"{value}{sign}{numbers[index]}={result}")
+        value = result
+    if value == int(example["target"]):
+        return None
+    return "\n".join(lines + [f"{synthetic.ANSWER_PREFIX} {value}"])
+
+
+def sft_completion(example: dict, rng: np.random.Generator, wrong_fork_fraction: float) -> str:
+    """The reference solution, or with probability ``wrong_fork_fraction`` a wrong-fork chain."""
+    if wrong_fork_fraction > 0 and rng.random() < wrong_fork_fraction:
+        wrong = wrong_fork_solution(example, rng)
+        if wrong is not None:
+            return wrong
+    return synthetic.reference_solution(example)
+
+
+def build_sft_arrays(tokenizer, problems: list[dict], prompt_length: int, completion_length: int,
+                     *, wrong_fork_fraction: float = 0.0, seed: int = 0):
     """Left-padded prompt + right-padded completion per problem, and the completion loss mask.
 
     Returns tokens [N, P + C] int32, attention mask [N, P + C] bool and loss mask [N, P + C]
     (True where the *target* token, i.e. position t + 1, is a completion token or <eos>).
     """
     prompts = [encode_prompt(tokenizer, p["prompt"]) for p in problems]
+    rng = np.random.default_rng(seed)
     completions = [
-        list(tokenizer(synthetic.reference_solution(p), add_special_tokens=False)["input_ids"]) + [EOS_ID]
+        list(tokenizer(sft_completion(p, rng, wrong_fork_fraction), add_special_tokens=False)["input_ids"]) + [EOS_ID]
         for p in problems
     ]
     prompt_tokens, prompt_mask = left_pad(prompts, prompt_length)
@@ -209,6 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--num-layers", type=int, default=3)
     parser.add_argument("--num-train", type=int, default=40000, help="distinct SFT problems drawn")
+    parser.add_argument("--wrong-fork-fraction", type=float, default=0.5,
+                        help="share of SFT targets replaced by a wrong-fork chain (right arithmetic, misses the target)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
@@ -237,7 +266,8 @@ def main(argv=None) -> dict:
     train_problems = synthetic.generate_problems(args.num_train, args.seed, "train", args.difficulty)
     heldout_problems = synthetic.generate_problems(args.eval_problems, args.seed + 1, "heldout", args.difficulty)
     tokens, attention, targets_mask = build_sft_arrays(tokenizer, train_problems, args.prompt_length,
-                                                       args.completion_length)
+                                                       args.completion_length,
+                                                       wrong_fork_fraction=args.wrong_fork_fraction, seed=args.seed)
 
     key = jax.random.PRNGKey(args.seed)
     init_key, eval_key = jax.random.split(key)
