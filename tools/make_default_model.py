@@ -7,8 +7,11 @@ script makes one from scratch, deterministically from ``--seed``:
 
 1. writes the character-level chat tokenizer (``jaxrl.data.tokenizer.build_tokenizer``);
 2. initialises a tiny qwen3-type decoder (tied embeddings, q/k-norm);
-3. supervised warm-up with AdamW on chat-templated prompt -> reference solution pairs from
-   the ``train`` split (loss on completion tokens and the closing ``<eos>`` only);
+3. supervised warm-up with AdamW on chat-templated prompt -> solution pairs from the
+   ``train`` split (loss on completion tokens and the closing ``<eos>`` only); with
+   probability ``--wrong-fork-fraction`` the target is a wrong-fork chain (random order
+   and signs, correct arithmetic, misses the target) instead of the reference solution,
+   so the policy learns the arithmetic everywhere but stays uncertain at the forks;
 4. every ``--eval-every`` steps measures held-out greedy accuracy and pass@8 (8 samples at
    T = 1, unbiased estimator with n = k = 8) on ``--eval-problems`` problems of the
    ``heldout`` split, prints the trajectory, and stops at the first checkpoint with
