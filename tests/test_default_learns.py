@@ -44,5 +44,6 @@ def test_short_default_run_gain_exceeds_seed_noise(tmp_path):
     standard_error = math.sqrt(mean_after * (1 - mean_after) / num_problems)
     gain = mean_after - sum(before) / len(before)
     summary = f"before {before}, after {after}, gain {gain:.3f}, seed spread {seed_spread:.3f}, s.e. {standard_error:.3f}"
+    print(summary)
     assert gain > seed_spread + standard_error, summary
     assert min(after) > max(before), summary
