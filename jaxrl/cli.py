@@ -43,8 +43,15 @@ def cmd_train(args, overrides) -> int:
     from jaxrl.sharding.mesh import maybe_initialize_distributed
     from jaxrl.train.loop import train
 
-    maybe_initialize_distributed()
     cfg = _load_config(args.config, overrides)
+    dist = cfg.distributed
+    if dist.coordinator_address and (dist.num_processes < 1 or dist.process_id < 0):
+        raise UserError("distributed.coordinator_address is set: set distributed.num_processes "
+                        "and distributed.process_id too")
+    maybe_initialize_distributed(
+        {"coordinator_address": dist.coordinator_address, "num_processes": dist.num_processes,
+         "process_id": dist.process_id} if dist.coordinator_address else None
+    )
     if args.resume is not None:
         cfg.checkpoint.resume = "on" if args.resume else "off"
     validate(cfg, num_devices=jax.device_count())

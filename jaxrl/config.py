@@ -173,6 +173,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # data-parallel axis; -1 = the devices not used by the other axes
     c.mesh.fsdp = 1  # fully sharded data parallel axis (one axis may be -1)
     c.mesh.tensor = 1  # tensor-parallel axis
+
+    # Multi-process runs. TPU pod slices and multi-task SLURM jobs are detected from the
+    # environment; set coordinator_address only to start jax.distributed explicitly.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = auto-detect
+    c.distributed.num_processes = 0  # with coordinator_address: total processes
+    c.distributed.process_id = -1  # with coordinator_address: this process's index
     c.lock()
     return c
 

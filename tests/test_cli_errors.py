@@ -40,6 +40,8 @@ def write_experiment(path, model_dir, root, body=""):
         ("", ["--config.mesh.data=3"], "mesh"),
         ("", ["--config.rl.loss.entropy_rho=1.5"], "rl.loss.entropy_rho must be in (0, 1]"),
         ("", ["--config.rl.mini_batch_prompts=3"], "rl.mini_batch_prompts=3 must divide"),
+        ("", ["--config.distributed.coordinator_address=localhost:1234"],
+         "set distributed.num_processes and distributed.process_id too"),
     ],
 )
 def test_train_start_up_errors_are_one_line(tmp_path, tiny_model_dir, capsys, body, overrides, message):

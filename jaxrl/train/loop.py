@@ -640,7 +640,8 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None) -> Ru
     steps_this_call = 0
     last_saved = trainer.resumed_from
     try:
-        with _StopSignal() as stop:
+        # Under the mesh, the layer scan pins activation rows to data/fsdp (sharding.rules.constrain).
+        with _StopSignal() as stop, jax.set_mesh(trainer.mesh):
             while int(trainer.state.step) < cfg.train.num_steps:
                 if max_steps is not None and steps_this_call >= max_steps:
                     stop_reason = "max_steps"
