@@ -37,18 +37,9 @@ def pass_k_values(k: int) -> list[int]:
 def load_eval_records(cfg: ml_collections.ConfigDict, tokenizer) -> list[dict]:
     """The first ``eval.max_examples`` prompt records of the eval split (validated, tokenised)."""
     from jaxrl.data.sources import load_prompt_records, resolve_files
-    from jaxrl.train.loop import data_files
+    from jaxrl.train.loop import data_files, prompt_options
 
-    records, _ = load_prompt_records(
-        resolve_files(data_files(cfg, "eval")),
-        tokenizer,
-        prompt_field=cfg.data.prompt_field,
-        answer_field=cfg.data.answer_field,
-        system_prompt=cfg.data.system_prompt,
-        use_chat_template=cfg.data.use_chat_template,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        overlong=cfg.data.overlong_prompts,
-    )
+    records, _ = load_prompt_records(resolve_files(data_files(cfg, "eval")), tokenizer, **prompt_options(cfg))
     if not records:
         raise ValueError("the eval split has no usable prompts")
     return records[: cfg.eval.max_examples]

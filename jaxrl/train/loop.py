@@ -146,19 +146,19 @@ def make_prompt_iterator(cfg: ml_collections.ConfigDict, tokenizer, files: list[
     """The grain prompt iterator over ``files`` (every process reads the same stream)."""
     from jaxrl.data.sources import make_prompt_iterator as build
 
-    return build(
-        files,
-        tokenizer,
-        batch_size=batch_size,
+    return build(files, tokenizer, batch_size=batch_size, seed=cfg.run.seed, shuffle=shuffle,
+                 num_epochs=num_epochs, **prompt_options(cfg))
+
+
+def prompt_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The data.* settings that decide how a row becomes a prompt (train and eval alike)."""
+    return dict(
         prompt_field=cfg.data.prompt_field,
         answer_field=cfg.data.answer_field,
         system_prompt=cfg.data.system_prompt,
         use_chat_template=cfg.data.use_chat_template,
         max_prompt_tokens=cfg.data.max_prompt_tokens,
         overlong=cfg.data.overlong_prompts,
-        seed=cfg.run.seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
     )
 
 
