@@ -254,7 +254,7 @@ def _enable_compilation_cache(path: str) -> None:
     """Arms and seeds compile the same update functions; reuse them across runs."""
     import jax
 
-    if not jax.config.jax_compilation_cache_dir:
+    if not getattr(jax.config, "jax_compilation_cache_dir", None):
         path = os.path.abspath(path)
         os.makedirs(path, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", path)
