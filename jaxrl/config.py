@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.top_p = 1.0  # nucleus sampling; 1.0 = off
     c.sampling.top_k = 0  # top-k sampling; 0 = off
     c.sampling.max_new_tokens = 64  # maximum response length L_max
+    c.sampling.max_rows_per_call = 0  # cap on rows (prompts x n) decoded at once (KV-cache memory); 0 = all
 
     c.rewards = ml_collections.ConfigDict()
     c.rewards.task = "countdown"  # countdown (synthetic verifier) | math (boxed-answer grader)
@@ -523,7 +524,18 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
         if cfg.eval.files:
             _check_files(cfg.eval.files, "eval.files")
     if num_devices is not None:
-        mesh_shape(cfg, num_devices)
+        data, fsdp, _ = mesh_shape(cfg, num_devices)
+        mini_rows = cfg.rl.mini_batch_prompts * cfg.rl.samples_per_prompt
+        if mini_rows % (data * fsdp):
+            raise ConfigError(
+                f"rl.mini_batch_prompts x rl.samples_per_prompt = {mini_rows} rows must divide over "
+                f"mesh.data x mesh.fsdp = {data * fsdp} devices"
+            )
+    if cfg.sampling.max_rows_per_call and cfg.sampling.max_rows_per_call < cfg.rl.samples_per_prompt:
+        raise ConfigError(
+            f"sampling.max_rows_per_call={cfg.sampling.max_rows_per_call} must be 0 (no cap) or at least "
+            f"rl.samples_per_prompt={cfg.rl.samples_per_prompt} (one group)"
+        )
 
 
 def resolve_rewarder_spec(spec: str) -> tuple[str, Any, float]:

@@ -40,6 +40,7 @@ def write_experiment(path, model_dir, root, body=""):
         ("", ["--config.mesh.data=3"], "mesh"),
         ("", ["--config.rl.loss.entropy_rho=1.5"], "rl.loss.entropy_rho must be in (0, 1]"),
         ("", ["--config.rl.mini_batch_prompts=3"], "rl.mini_batch_prompts=3 must divide"),
+        ("", ["--config.sampling.max_rows_per_call=2"], "sampling.max_rows_per_call=2 must be 0"),
         ("", ["--config.distributed.coordinator_address=localhost:1234"],
          "set distributed.num_processes and distributed.process_id too"),
     ],

@@ -494,7 +494,8 @@ def settings_from_config(cfg) -> tuple[ModelConfig, PlanSettings]:
         mini_batch_rows=int(cfg.rl.mini_batch_prompts) * int(cfg.rl.samples_per_prompt),
         prompt_len=int(cfg.data.max_prompt_tokens),
         response_len=int(cfg.sampling.max_new_tokens),
-        logprob_chunk=int(cfg.rl.logprob_chunk_size), sampling_rows=rows,
+        logprob_chunk=int(cfg.rl.logprob_chunk_size),
+        sampling_rows=min(rows, int(cfg.sampling.max_rows_per_call)) if cfg.sampling.max_rows_per_call > 0 else rows,
         reference_model=float(cfg.rl.loss.kl_coef) > 0,
     )
     return model, settings

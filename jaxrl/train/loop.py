@@ -274,14 +274,16 @@ def _select_fn(loss_cfg: LossConfig):
     return select
 
 
-def _slice_rows_fn(rows: int):
-    """Jitted ``(tree, i) -> rows i·rows .. (i+1)·rows - 1`` of every leaf (one compile)."""
+def _slice_rows_fn(rows: int, row_sharding):
+    """Jitted ``(tree, i) -> rows i·rows .. (i+1)·rows - 1`` of every leaf (one compile).
 
-    @jax.jit
+    The slices come out in ``row_sharding``, the layout the update's in_shardings expect.
+    """
+
     def take(tree, index):
         return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, index * rows, rows, axis=0), tree)
 
-    return take
+    return jax.jit(take, out_shardings=row_sharding)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -361,7 +363,7 @@ class Trainer:
         )
         self.logprob_fn = train_step.make_logprob_fn(self.model_cfg, **common)
         self.select_fn = _select_fn(self.loss_cfg)
-        self.take_minibatch = _slice_rows_fn(self.mini_rows)
+        self.take_minibatch = _slice_rows_fn(self.mini_rows, self.row_sharding)
 
         self.data = make_prompt_iterator(cfg, self.tokenizer, data_files(cfg, "train"), self.prompts_per_step,
                                          shuffle=cfg.data.shuffle, num_epochs=None)
@@ -411,24 +413,30 @@ class Trainer:
         """Draw one prompt batch, sample, score → (host rows, records per row, reward metrics)."""
         from jaxrl.data.tokenizer import decode_completion
         from jaxrl.sampling.engine import generate_from_params
+        from jaxrl.sharding.rules import named_sharding
 
         records = next(self.data)
         prompt_tokens, prompt_lengths = left_pad_prompts(records, self.cfg.data.max_prompt_tokens, self.pad_id)
         started = time.monotonic()
-        rollout = generate_from_params(
-            self.state.params, self.model_cfg, put(prompt_tokens, self.replicated),
-            put(prompt_lengths, self.replicated), self.n, self.sampling_cfg, key,
-        )
-        rows = {
-            "prompt_tokens": host_array(rollout.prompt_tokens),
-            "prompt_lengths": host_array(rollout.prompt_lengths),
-            "tokens": host_array(rollout.tokens),
-            "logprobs": host_array(rollout.logprobs),
-            "entropies": host_array(rollout.entropies),
-            "lengths": host_array(rollout.lengths),
-            "finish_reason": host_array(rollout.finish_reason),
-            "group_ids": host_array(rollout.group_ids),
-        }
+        # Decode at most sampling.max_rows_per_call rows at once (equal chunks: one compile).
+        cap = self.cfg.sampling.max_rows_per_call
+        chunk = len(records) if cap <= 0 else max(1, min(len(records), cap // self.n))
+        fields = ("prompt_tokens", "prompt_lengths", "tokens", "logprobs", "entropies", "lengths",
+                  "finish_reason", "group_ids")
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+        for first in range(0, len(records), chunk):
+            tokens_in, lengths_in = prompt_tokens[first:first + chunk], prompt_lengths[first:first + chunk]
+            # The sampler's rows follow the batch rule (data, fsdp), replicated where they do not divide.
+            rollout = generate_from_params(
+                self.state.params, self.model_cfg,
+                put(tokens_in, named_sharding(("batch", None), self.mesh, tokens_in.shape)),
+                put(lengths_in, named_sharding(("batch",), self.mesh, lengths_in.shape)),
+                self.n, self.sampling_cfg, key if first == 0 else jax.random.fold_in(key, first),
+            )
+            for name in fields:
+                parts[name].append(host_array(getattr(rollout, name)))
+            parts["group_ids"][-1] = parts["group_ids"][-1] + first
+        rows = {name: np.concatenate(values) for name, values in parts.items()}
         sample_time = time.monotonic() - started
         started = time.monotonic()
         row_records = [records[g] for g in rows["group_ids"]]
