@@ -56,15 +56,8 @@ def write_fixed_heldout(cfg, path: str) -> str:
     difficulties repeat problems often, and a repeated problem would count twice)."""
     from jaxrl.data import synthetic
 
-    wanted = cfg.eval.max_examples
-    draws = synthetic.generate_problems(50 * wanted, 0, "heldout", cfg.data.synthetic_difficulty)
-    seen, rows = set(), []
-    for row in draws:
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            rows.append(row)
-        if len(rows) == wanted:
-            break
+    rows = synthetic.generate_problems(cfg.eval.max_examples, 0, "heldout", cfg.data.synthetic_difficulty,
+                                       distinct=True)
     synthetic.write_jsonl(path, rows)
     return path
 

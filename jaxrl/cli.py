@@ -57,6 +57,13 @@ def cmd_train(args, overrides) -> int:
     validate(cfg, num_devices=jax.device_count())
     result = train(cfg)
     print(f"{result.stop_reason}: step {int(result.state.step)}, run dir {result.run_dir}")
+    if result.stop_reason == "completed" and jax.process_index() == 0:
+        from jaxrl.ablate import heldout_before_after
+        from jaxrl.train.metrics import plot_run
+
+        print(heldout_before_after(cfg, result.state.params)[2])
+        for path in plot_run(result.run_dir):
+            print(path)
     return 0
 
 
@@ -160,6 +167,11 @@ def cmd_sample(args, overrides) -> int:
     return 0
 
 
+# Subcommands whose own main(argv) parses their arguments: name -> (module, help).
+DELEGATED = {"plan": ("jaxrl.sharding.planner", "memory planner"),
+             "ablate": ("jaxrl.ablate", "ablation runner")}
+
+
 def _delegate(module_name: str, what: str):
     """A subcommand implemented by another module's ``main(argv)`` (if it exists)."""
 
@@ -212,8 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true")
     p.set_defaults(func=cmd_sample)
 
-    for name, module, text in (("plan", "jaxrl.sharding.planner", "memory planner"),
-                               ("ablate", "jaxrl.ablate", "ablation runner")):
+    for name, (module, text) in DELEGATED.items():
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_delegate(module, name))
@@ -223,9 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxrl`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # Anything argparse does not know is a config override; parse_overrides rejects the rest.
-    args, overrides = parser.parse_known_args(argv)
+    if argv and argv[0] in DELEGATED:  # hand the arguments over verbatim, in their order
+        module, _ = DELEGATED[argv[0]]
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=_delegate(module, argv[0]))
+        overrides = []
+    else:
+        # Anything argparse does not know is a config override; parse_overrides rejects the rest.
+        args, overrides = build_parser().parse_known_args(argv)
     from jaxrl.config import ConfigError
     from jaxrl.train.loop import TrainingDiverged
 

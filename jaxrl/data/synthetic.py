@@ -134,14 +134,17 @@ def _sample_problem(rng: random.Random, difficulty: Difficulty) -> dict:
 
 
 def generate_problems(
-    n: int, seed: int, split: str = "train", difficulty: str | Difficulty = "medium"
+    n: int, seed: int, split: str = "train", difficulty: str | Difficulty = "medium", *,
+    distinct: bool = False,
 ) -> list[dict]:
     """Generates ``n`` countdown problems of one split, deterministically from ``seed``.
 
     Each row has ``prompt``, ``answer`` (the target as a string), ``task``, ``numbers``,
     ``target``, ``split``, ``difficulty`` and the generating chain (``solution_order``,
     ``solution_signs``) used by ``reference_solution``. Problems can repeat when ``n`` is
-    large relative to the problem space of the difficulty.
+    large relative to the problem space of the difficulty, unless ``distinct`` (then the
+    rows are the first ``n`` distinct prompts of the same stream; for evaluation sets, where
+    a repeated problem would count twice).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -152,14 +155,22 @@ def generate_problems(
     # The split name is mixed into the stream so train and heldout draws are independent.
     rng = random.Random(f"{TASK_NAME}|{seed}|{split}|{level}")
     rows: list[dict] = []
+    seen: set[str] = set()
     attempts = 0
     while len(rows) < n:
         attempts += 1
         if attempts > 1000 * (n + 10):
-            raise RuntimeError(f"could not draw {n} {split} problems at difficulty {level}")
+            kind = "distinct " if distinct else ""
+            raise RuntimeError(f"could not draw {n} {kind}{split} problems at difficulty {level} "
+                               f"(found {len(rows)})")
         problem = _sample_problem(rng, level)
         if problem_split(problem["numbers"], problem["target"]) != split:
             continue
+        if distinct:
+            prompt = format_prompt(problem["numbers"], problem["target"])
+            if prompt in seen:
+                continue
+            seen.add(prompt)
         rows.append(
             {
                 "prompt": format_prompt(problem["numbers"], problem["target"]),
@@ -263,14 +274,15 @@ def dump_splits(
     difficulty: str | Difficulty = "medium",
     with_reference: bool = True,
 ) -> dict[str, str]:
-    """Writes ``train.jsonl`` and ``heldout.jsonl`` under ``out_dir``; returns split -> path.
+    """Writes ``train.jsonl`` and ``heldout.jsonl`` (distinct problems) under ``out_dir``;
+    returns split -> path.
 
     With ``with_reference`` every row also carries ``reference`` (its worked solution),
     which SFT warm-up uses as the target completion.
     """
     paths = {}
     for split, count in (("train", num_train), ("heldout", num_heldout)):
-        rows = generate_problems(count, seed, split=split, difficulty=difficulty)
+        rows = generate_problems(count, seed, split=split, difficulty=difficulty, distinct=split == "heldout")
         if with_reference:
             for row in rows:
                 row["reference"] = reference_solution(row)
