@@ -22,4 +22,6 @@ def get_config():
     cfg.rl.micro_batch_rows = 16
     cfg.mesh.fsdp = -1
     cfg.mesh.tensor = 4
+    # KV cache for 20k-token responses: decode at most this many rows at once (`jaxrl plan`).
+    cfg.sampling.max_rows_per_call = 512
     return cfg

@@ -72,4 +72,12 @@ def dapo_forking(cfg, model_path: str, name: str):
 
 
 def get_config():
-    return dapo_forking(base_config(), "models/Qwen3-8B", "qwen3_8b_dapo_forking")
+    cfg = dapo_forking(base_config(), "models/Qwen3-8B", "qwen3_8b_dapo_forking")
+    # From `jaxrl plan --config configs/qwen3_8b_dapo_forking.py --hardware h100x8`: the S^2
+    # attention scores of 22k-token rows need tensor parallelism and 4-row micro-batches, and
+    # the rollout KV cache (20k-token responses) allows ~156 rows decoded at once.
+    cfg.mesh.fsdp = 4
+    cfg.mesh.tensor = 2
+    cfg.rl.micro_batch_rows = 4
+    cfg.sampling.max_rows_per_call = 128
+    return cfg
