@@ -647,6 +647,7 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None) -> Ru
     stop_reason = "completed"
     steps_this_call = 0
     last_saved = trainer.resumed_from
+    checkpoint_time = 0.0
     try:
         # Under the mesh, the layer scan pins activation rows to data/fsdp (sharding.rules.constrain).
         with _StopSignal() as stop, jax.set_mesh(trainer.mesh):
@@ -683,12 +684,7 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None) -> Ru
                     metrics.update(trainer.run_eval(step_number))
                     metrics["time/eval"] = time.monotonic() - eval_started
 
-                checkpoint_time = 0.0
-                final = step_number >= cfg.train.num_steps
-                if not bad and (step_number % cfg.checkpoint.every_steps == 0 or final or stop.received):
-                    checkpoint_time = trainer.save_checkpoint()
-                    last_saved = step_number
-                metrics["time/checkpoint"] = checkpoint_time
+                metrics["time/checkpoint"] = checkpoint_time  # the save after the previous step
                 metrics["time/step"] = time.monotonic() - step_started
                 metrics["throughput/tokens_per_s"] = metrics["generated_tokens"] / max(metrics["time/step"], 1e-9)
                 logger.log_step(step_number, metrics)
@@ -696,6 +692,14 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None) -> Ru
                     logger.log_samples(step_number, samples[: cfg.logging.num_samples])
                 history.append(metrics)
                 steps_this_call += 1
+
+                # The step's log lines go out before its checkpoint: a crash in between resumes
+                # from the previous checkpoint and rewrites them, so no step's line is lost.
+                checkpoint_time = 0.0
+                final = step_number >= cfg.train.num_steps
+                if not bad and (step_number % cfg.checkpoint.every_steps == 0 or final or stop.received):
+                    checkpoint_time = trainer.save_checkpoint()
+                    last_saved = step_number
 
                 if trainer.consecutive_bad_steps >= cfg.train.max_bad_steps:
                     raise TrainingDiverged(
