@@ -2,7 +2,7 @@
 by more than its seed-to-seed noise.
 
 Two seeds train the shipped policy (assets/default_model) for 40 RL steps (the default
-run has 60) with the default recipe, DAPO on the top-20% forking tokens. Before and after,
+run has 120) with the default recipe, DAPO on the top-20% forking tokens. Before and after,
 greedy accuracy is measured on the same 128 fixed held-out problems. The gain must exceed
 the spread of the accuracies across seeds plus the binomial standard error of an accuracy
 measured on that many problems. (The all-token arm gains more on average but its seeds
