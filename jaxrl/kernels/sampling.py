@@ -157,9 +157,10 @@ def _finish(greedy, inv_temperature, s, t, kept_max, kept_sum, chosen_z):
 # ----------------------------------------------------------------------------------------------
 
 
-def _binary_search_reference(predicate, active):
+def _binary_search_keys(predicate, active):
     """Largest int32 key u in [key(-inf), key(+inf)] with predicate(u) (monotone, true at
-    key(-inf)); key(-inf) where not ``active``. predicate: int32 [B] -> bool [B]."""
+    key(-inf)); key(-inf) where not ``active``. predicate maps int32 keys of ``active``'s
+    shape to bools of that shape. Shared by the reference and the kernel body."""
     lo0 = jnp.full(active.shape, _KEY_NEG_INF, jnp.int32)
     hi0 = jnp.full(active.shape, _KEY_POS_INF + 1, jnp.int32)
 
@@ -199,7 +200,7 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p):
     k_active = use_top_k[:, 0]
     thr_k = lax.cond(
         jnp.any(k_active),
-        lambda: _binary_search_reference(
+        lambda: _binary_search_keys(
             lambda u: jnp.sum(keys >= u[:, None], axis=1) >= top_k, k_active
         ),
         lambda: jnp.full((num_rows,), _KEY_NEG_INF, jnp.int32),
@@ -218,7 +219,7 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p):
             mass = mass_above(u)
             return (mass >= top_p * mass_k) & (mass > 0.0)
 
-        return _binary_search_reference(enough_mass, p_active)
+        return _binary_search_keys(enough_mass, p_active)
 
     thr_p = lax.cond(
         jnp.any(p_active), search_top_p, lambda: jnp.full((num_rows,), _KEY_NEG_INF, jnp.int32)
@@ -311,19 +312,6 @@ def _sampling_kernel(
     def reduce_tiles(tile_fn, init):
         return lax.fori_loop(0, num_tiles, lambda j, acc: acc + tile_fn(*load_tile(j)), init)
 
-    def binary_search(predicate, active):
-        lo0 = jnp.full(shape, _KEY_NEG_INF, jnp.int32)
-        hi0 = jnp.full(shape, _KEY_POS_INF + 1, jnp.int32)
-
-        def step(_, bounds):
-            lo, hi = bounds
-            mid = _midpoint(lo, hi)
-            ok = predicate(mid)
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-        lo, _ = lax.fori_loop(0, _SEARCH_STEPS, step, (lo0, hi0))
-        return jnp.where(active, lo, _KEY_NEG_INF)
-
     def any_row(flags):
         return jnp.max(flags.astype(jnp.int32)) > 0
 
@@ -337,7 +325,7 @@ def _sampling_kernel(
 
     thr_k = lax.cond(
         any_row(use_top_k),
-        lambda: binary_search(lambda u: count_at_least(u) >= top_k, use_top_k),
+        lambda: _binary_search_keys(lambda u: count_at_least(u) >= top_k, use_top_k),
         lambda: no_threshold,
     )
 
@@ -357,7 +345,7 @@ def _sampling_kernel(
             mass = mass_above(u)
             return (mass >= top_p * mass_k) & (mass > 0.0)
 
-        return binary_search(enough_mass, use_top_p)
+        return _binary_search_keys(enough_mass, use_top_p)
 
     thr_p = lax.cond(any_row(use_top_p), search_top_p, lambda: no_threshold)
     threshold = jnp.maximum(thr_k, thr_p)
