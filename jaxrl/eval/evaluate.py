@@ -48,7 +48,8 @@ def load_eval_records(cfg: ml_collections.ConfigDict, tokenizer) -> list[dict]:
 def _generate(params, model_cfg, records, n, sampling_cfg, key, pad_id, batch_prompts, temperature, top_p):
     """Completions (token lists) [len(records) * n] in record order, batch by batch."""
     from jaxrl.sampling.engine import generate_from_params
-    from jaxrl.train.loop import host_array, left_pad_prompts
+    from jaxrl.sharding.transfer import host_array
+    from jaxrl.train.loop import left_pad_prompts
 
     outputs = []
     for start in range(0, len(records), batch_prompts):

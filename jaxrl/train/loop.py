@@ -43,6 +43,7 @@ from jaxrl.rl.losses import LossConfig, select_tokens
 from jaxrl.train import step as train_step
 from jaxrl.train.checkpoint import Checkpointer
 from jaxrl.train.metrics import MetricsLogger
+from jaxrl.sharding.transfer import host_array, put_on_mesh
 from jaxrl.types import FINISH_LENGTH, TrainBatch
 
 CORRECT_COMPONENT = "correct"
@@ -171,21 +172,6 @@ def left_pad_prompts(records: list[dict], width: int, pad_id: int) -> tuple[np.n
         tokens[i, width - len(ids):] = ids
         lengths[i] = len(ids)
     return tokens, lengths
-
-
-def host_array(x) -> np.ndarray:
-    """A device array as numpy on this host (gathered across processes when needed)."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def put(array: np.ndarray, sharding) -> jax.Array:
-    """A host array (identical on every process) placed with ``sharding``."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -429,8 +415,8 @@ class Trainer:
             # The sampler's rows follow the batch rule (data, fsdp), replicated where they do not divide.
             rollout = generate_from_params(
                 self.state.params, self.model_cfg,
-                put(tokens_in, named_sharding(("batch", None), self.mesh, tokens_in.shape)),
-                put(lengths_in, named_sharding(("batch",), self.mesh, lengths_in.shape)),
+                put_on_mesh(tokens_in, named_sharding(("batch", None), self.mesh, tokens_in.shape)),
+                put_on_mesh(lengths_in, named_sharding(("batch",), self.mesh, lengths_in.shape)),
                 self.n, self.sampling_cfg, key if first == 0 else jax.random.fold_in(key, first),
             )
             for name in fields:
@@ -530,7 +516,7 @@ class Trainer:
     def optimise(self, host_batch: dict[str, np.ndarray]) -> dict[str, float]:
         """Trainer log-prob pass, token selection, μ epochs of mini-batch updates → metrics."""
         cfg, loss_cfg = self.cfg, self.loss_cfg
-        dev = {key: put(value, self.row_sharding) for key, value in host_batch.items()}
+        dev = {key: put_on_mesh(value, self.row_sharding) for key, value in host_batch.items()}
         device_metrics: dict[str, Any] = {}
         trainer_logp = trainer_entropy = None
         need_trainer_pass = (cfg.rl.old_logp_source == "trainer" or cfg.rl.measure_logprob_gap
