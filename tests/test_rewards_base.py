@@ -148,7 +148,7 @@ def test_pool_grades_math_with_warm_up():
 def test_close_stops_workers():
     executor = RewardExecutor({"length": (length_reward, 1.0)}, num_workers=2)
     executor.score(["p"], ["abc"], [{}])
-    processes = [worker.process for worker in executor._workers]
+    processes = [worker.child.process for worker in executor._workers]
     executor.close()
     assert all(process.poll() is not None for process in processes)
 

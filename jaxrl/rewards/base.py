@@ -11,9 +11,9 @@ gets ``failure_reward`` as its component value and is counted in the metrics tog
 the first error message; the run continues. Results are in input order whatever the
 completion order of the workers.
 
-Workers are fresh ``python`` processes (not forks of the trainer, which holds accelerator
-state and threads; not ``multiprocessing``, which re-imports the caller's ``__main__``).
-Rewarders travel to them pickled, so they must be importable module-level functions (or
+Workers are fresh ``python`` processes started by ``jaxrl.rewards.sandbox.spawn`` (not
+forks of the trainer, which holds accelerator state and threads; not ``multiprocessing``,
+which re-imports the caller's ``__main__``). Rewarders travel to them pickled, so they must be importable module-level functions (or
 ``functools.partial`` of one), not defined in ``__main__``. A hung call is ended by killing
 its worker, which is then replaced in the background.
 
@@ -29,7 +29,6 @@ import math
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -40,12 +39,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxrl.rewards import sandbox
+from jaxrl.rewards.sandbox import describe
+
 Rewarder = Callable[[str, str, Mapping[str, Any]], float]
 
 __all__ = ["Rewarder", "weighted_sum", "call_rewarder", "RewardExecutor", "RewarderTimeout"]
 
 _WORKER_START_TIMEOUT_S = 180.0
-_MAX_ERROR_CHARS = 300
 
 
 class RewarderTimeout(Exception):
@@ -70,77 +71,46 @@ def call_rewarder(fn: Rewarder, prompt: str, completion: str, example: Mapping[s
     return value
 
 
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS]
-
-
 def _run_warm_ups(rewarders: Mapping[str, Rewarder]) -> None:
     hooks = {id(h): h for h in (getattr(fn, "warm_up", None) for fn in rewarders.values()) if h}
     for hook in hooks.values():
         hook()
 
 
-def _worker_main(read_fd: int, write_fd: int) -> None:
+def _worker_main(requests: Connection, replies: Connection) -> None:
     """Entry point of a pool worker: init message, warm-ups, then tasks until EOF."""
-    requests = Connection(read_fd, writable=False)
-    replies = Connection(write_fd, readable=False)
     parent_sys_path, payload = requests.recv()
     sys.path[:0] = [p for p in parent_sys_path if p not in sys.path]
     try:
         rewarders = pickle.loads(payload)
         _run_warm_ups(rewarders)
     except BaseException as error:  # reported to the parent, which raises
-        replies.send(("init_error", _describe(error)))
+        replies.send(("init_error", describe(error)))
         return
     replies.send(("ready", os.getpid()))
-    while True:
-        try:
-            task_id, name, prompt, completion, example = requests.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            replies.send((task_id, "ok", call_rewarder(rewarders[name], prompt, completion, example)))
-        except Exception as error:  # a failing rewarder must not end the worker
-            replies.send((task_id, "error", _describe(error)))
+
+    def handle(task: tuple[str, str, str, Mapping[str, Any]]) -> float:
+        name, prompt, completion, example = task
+        return call_rewarder(rewarders[name], prompt, completion, example)
+
+    sandbox.serve(requests, replies, handle)
 
 
 class _Worker:
-    """One pool process, its pipes and its current task."""
+    """One pool process (a spawned ``sandbox.Child``) and its current task."""
 
     def __init__(self, payload: bytes) -> None:
-        to_worker_read, to_worker_write = os.pipe()
-        from_worker_read, from_worker_write = os.pipe()
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        code = f"import jaxrl.rewards.base as b; b._worker_main({to_worker_read}, {from_worker_write})"
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code],
-            pass_fds=(to_worker_read, from_worker_write),
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-        os.close(to_worker_read)
-        os.close(from_worker_write)
-        self.requests = Connection(to_worker_write, readable=False)
-        self.replies = Connection(from_worker_read, writable=False)
-        self.requests.send(([p for p in sys.path if p], payload))
+        self.child = sandbox.spawn(__name__, "_worker_main")
+        self.child.requests.send(([p for p in sys.path if p], payload))
         self.started_at = time.monotonic()
         self.ready = False
         self.task: int | None = None
         self.deadline = math.inf
 
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.requests.close()
-        self.replies.close()
-
 
 def _shutdown(workers: list[_Worker]) -> None:
     for worker in workers:
-        worker.kill()
+        worker.child.kill()
     workers.clear()
 
 
@@ -208,7 +178,7 @@ class RewardExecutor:
             try:
                 pickle.dumps(fn)
             except Exception as error:
-                raise TypeError(f"rewarder {name!r} is not picklable: {_describe(error)}") from error
+                raise TypeError(f"rewarder {name!r} is not picklable: {describe(error)}") from error
         return pickle.dumps(self.functions)
 
     def close(self) -> None:
@@ -285,13 +255,13 @@ class RewardExecutor:
                     value = call_rewarder(self.functions[name], prompts[i], completions[i], examples[i])
                 outcomes[(name, i)] = ("ok", value)
             except RewarderTimeout as error:
-                outcomes[(name, i)] = ("timeout", _describe(error))
+                outcomes[(name, i)] = ("timeout", describe(error))
             except Exception as error:
-                outcomes[(name, i)] = ("error", _describe(error))
+                outcomes[(name, i)] = ("error", describe(error))
         return outcomes, enforced
 
     def _replace(self, worker: _Worker) -> None:
-        worker.kill()
+        worker.child.kill()
         self._workers[self._workers.index(worker)] = _Worker(self._payload)
 
     def _score_pool(self, tasks, prompts, completions, examples):
@@ -303,17 +273,17 @@ class RewardExecutor:
                 if worker.ready and worker.task is None and pending:
                     task_id = pending.popleft()
                     name, i = tasks[task_id]
-                    worker.requests.send((task_id, name, prompts[i], completions[i], examples[i]))
+                    worker.child.requests.send((name, prompts[i], completions[i], examples[i]))
                     worker.task, worker.deadline = task_id, now + self.timeout_s
             waiting = [w for w in self._workers if not w.ready or w.task is not None]
             next_deadline = min(
                 [w.deadline for w in waiting if w.ready]
                 + [w.started_at + _WORKER_START_TIMEOUT_S for w in waiting if not w.ready]
             )
-            ready_conns = wait([w.replies for w in waiting], timeout=max(0.0, next_deadline - now))
-            for worker in [w for w in waiting if w.replies in ready_conns]:
+            ready_conns = wait([w.child.replies for w in waiting], timeout=max(0.0, next_deadline - now))
+            for worker in [w for w in waiting if w.child.replies in ready_conns]:
                 try:
-                    message = worker.replies.recv()
+                    message = worker.child.replies.recv()
                 except (EOFError, OSError):
                     self._on_worker_death(worker, tasks, outcomes, "worker process died")
                     continue
@@ -321,9 +291,9 @@ class RewardExecutor:
                     worker.ready = True
                 elif message[0] == "init_error":
                     raise RuntimeError(f"reward worker failed to initialise: {message[1]}")
-                else:
-                    task_id, status, value = message
-                    outcomes[tasks[task_id]] = (status, value)
+                else:  # ("ok", value) or ("error", message) for the worker's current task
+                    status, value = message
+                    outcomes[tasks[worker.task]] = (status, value)
                     worker.task, worker.deadline = None, math.inf
             now = time.monotonic()
             for worker in list(self._workers):
