@@ -26,7 +26,8 @@ import functools
 import re
 from typing import Any, Mapping
 
-from jaxrl.rewards import math as math_grading
+from jaxrl.rewards.math_extract import STRICT_POLICY, extract_answer
+from jaxrl.rewards.math_normalize import top_level_boxes
 
 __all__ = ["soft_overlong_penalty", "overlong_reward", "make_overlong_rewarder", "format_reward"]
 
@@ -86,11 +87,10 @@ def format_reward(
     max_trailing_chars: int = 64,
 ) -> float:
     """1.0 for reasoning followed by one final boxed answer, else 0.0 (see module doc)."""
-    policy = math_grading.STRICT_POLICY
-    if math_grading.extract_answer(completion, policy) is None:
+    if extract_answer(completion, STRICT_POLICY) is None:
         return 0.0
     box_starts = [m.start() for m in _LAST_BOX.finditer(completion)]
-    boxes = math_grading._top_level_boxes(completion)
+    boxes = top_level_boxes(completion)
     if not box_starts or not boxes:
         return 0.0
     last_end = boxes[1][-1]
