@@ -59,6 +59,12 @@ def _check_name(name: str, kind: str) -> None:
         raise ValueError(f"{kind} name must be a non-empty string without ':', '=' or spaces, got {name!r}")
 
 
+def _lookup(table: dict, name: str, kind: str):
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(table)) or 'none'}")
+    return table[name]
+
+
 def _same_definition(a: Callable, b: Callable) -> bool:
     """Whether two callables are one definition (the same object, or one function of a module
     that was imported again)."""
@@ -95,9 +101,7 @@ def rewarder_names() -> list[str]:
 
 def get_rewarder(name: str) -> Rewarder:
     """The rewarder registered under ``name``; ValueError listing the known names otherwise."""
-    if name not in _REWARDERS:
-        raise ValueError(f"unknown rewarder {name!r}; registered: {', '.join(rewarder_names()) or 'none'}")
-    return _REWARDERS[name]
+    return _lookup(_REWARDERS, name, "rewarder")
 
 
 def register_task(name: str, *, correct: Rewarder, format: Rewarder) -> Task:
@@ -126,9 +130,7 @@ def task_names() -> list[str]:
 
 def get_task(name: str) -> Task:
     """The ``Task`` registered under ``name``; ValueError listing the known names otherwise."""
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; registered: {', '.join(task_names()) or 'none'}")
-    return _TASKS[name]
+    return _lookup(_TASKS, name, "task")
 
 
 def load_rewarder_spec(spec: str) -> tuple[str, Rewarder, float]:
