@@ -13,8 +13,9 @@ completion order of the workers.
 
 Workers are fresh ``python`` processes started by ``jaxrl.rewards.sandbox.spawn`` (not
 forks of the trainer, which holds accelerator state and threads; not ``multiprocessing``,
-which re-imports the caller's ``__main__``). Rewarders travel to them pickled, so they must be importable module-level functions (or
-``functools.partial`` of one), not defined in ``__main__``. A hung call is ended by killing
+which re-imports the caller's ``__main__``). Rewarders travel to them pickled, so they
+must be importable module-level functions (or ``functools.partial`` of one), not defined in
+``__main__``. A hung call is ended by killing
 its worker, which is then replaced in the background.
 
 With ``num_workers=0`` the rewarders run inline in the calling thread. There, the timeout is
@@ -42,7 +43,7 @@ import numpy as np
 from jaxrl.rewards import sandbox
 from jaxrl.rewards.sandbox import describe
 
-Rewarder = Callable[[str, str, Mapping[str, Any]], float]
+Rewarder = Callable[[str, str, Mapping[str, Any]], float]  # (prompt, completion, example) -> reward
 
 __all__ = ["Rewarder", "weighted_sum", "call_rewarder", "RewardExecutor", "RewarderTimeout"]
 
@@ -54,7 +55,11 @@ class RewarderTimeout(Exception):
 
 
 def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """Total reward: sum over components of ``weights[name] * components[name]`` (float32)."""
+    """Total reward float32 [N]: sum over names of ``weights[name] * components[name]``.
+
+    ``components`` maps each name to an array [N] (one value per sample); ``weights`` has the
+    same names. Summed in float64, returned as float32.
+    """
     if set(components) != set(weights):
         raise ValueError(f"components {sorted(components)} != weights {sorted(weights)}")
     arrays = [np.asarray(components[name], np.float64) * float(weights[name]) for name in sorted(components)]
@@ -64,7 +69,7 @@ def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, flo
 
 
 def call_rewarder(fn: Rewarder, prompt: str, completion: str, example: Mapping[str, Any]) -> float:
-    """Call one rewarder and check that it returned a finite number."""
+    """``fn(prompt, completion, example)`` as a float; ValueError if it is not finite."""
     value = float(fn(prompt, completion, example))
     if not math.isfinite(value):
         raise ValueError(f"non-finite reward {value!r}")
@@ -182,7 +187,7 @@ class RewardExecutor:
         return pickle.dumps(self.functions)
 
     def close(self) -> None:
-        """Stop the worker processes."""
+        """Stop (SIGKILL) the worker processes; idempotent."""
         self._finalizer()
 
     def __enter__(self) -> "RewardExecutor":

@@ -35,7 +35,8 @@ DEFAULT_LENGTH_FIELD = "completion_tokens"
 
 
 def soft_overlong_penalty(length: int, max_length: int, cache_length: int) -> float:
-    """DAPO soft overlong punishment for a response of ``length`` tokens (formula above)."""
+    """DAPO soft overlong punishment in [-1, 0] for a response of ``length`` tokens (formula
+    above; all lengths in tokens)."""
     if cache_length <= 0 or cache_length > max_length:
         raise ValueError(f"need 0 < cache_length <= max_length, got {cache_length}, {max_length}")
     if length < 0:
@@ -57,7 +58,8 @@ def overlong_reward(
     cache_length: int,
     length_field: str = DEFAULT_LENGTH_FIELD,
 ) -> float:
-    """Rewarder adapter: the soft overlong penalty of ``example[length_field]`` tokens."""
+    """Rewarder adapter: the soft overlong penalty in [-1, 0] of ``example[length_field]``
+    tokens (lengths in tokens)."""
     if length_field not in example:
         raise KeyError(f"overlong reward needs the completion length in tokens in example[{length_field!r}]")
     return soft_overlong_penalty(int(example[length_field]), max_length, cache_length)
@@ -66,7 +68,8 @@ def overlong_reward(
 def make_overlong_rewarder(
     max_length: int, cache_length: int, length_field: str = DEFAULT_LENGTH_FIELD
 ) -> functools.partial:
-    """A picklable ``(prompt, completion, example) -> float`` overlong rewarder."""
+    """A picklable ``(prompt, completion, example) -> float`` overlong rewarder (lengths in
+    tokens; ValueError now for a bad ``max_length``/``cache_length``)."""
     soft_overlong_penalty(0, max_length, cache_length)  # validate the configuration now
     return functools.partial(
         overlong_reward, max_length=max_length, cache_length=cache_length, length_field=length_field

@@ -33,7 +33,8 @@ class CountdownParse:
 
 
 def parse_countdown(completion: str) -> CountdownParse | None:
-    """Parses a completion into steps and the answer; ``None`` when it breaks the grammar."""
+    """Parses a completion into steps (left, sign, right, result) and the answer; ``None`` when
+    it breaks the grammar or is longer than ``MAX_COMPLETION_CHARS`` characters."""
     if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
         return None
     text = completion.strip()
