@@ -11,15 +11,18 @@ different threshold; on GPU, exp/log/div may also differ from XLA's by an ulp):
 * Entropy ``H = -sum_v p_v log p_v`` with ``p = softmax(x)`` over the FULL vocabulary (no
   top-k/top-p). Greedy rows report the entropy at T = 1.
 * Kept set ``K = {v : key(z_v) >= threshold}`` where ``key`` is a monotone int32 map of the
-  float bit pattern. Top-k (``0 < k < V``) first: the threshold is the k-th largest logit;
-  then top-p (``p < 1``) on the top-k-renormalised distribution: the largest logit value ``u``
-  such that the probability mass of ``{z >= u}`` (within the top-k set) is at least ``p``
-  times the top-k mass. Thresholds are found by a binary search over the 2^32 key values
-  (32 counting / mass-summing passes), never by sorting. **Ties**: every token whose logit
-  equals the threshold is kept, so top-k may keep more than k tokens when logits tie.
+  float bit pattern (:func:`jaxrl.kernels.float_keys.float_key`). Top-k (``0 < k < V``)
+  first: the threshold is the k-th largest logit; then top-p (``p < 1``) on the
+  top-k-renormalised distribution: the largest logit value ``u`` such that the probability
+  mass of ``{z >= u}`` (within the top-k set) is at least ``p`` times the top-k mass.
+  Thresholds are found by a binary search over the 2^32 key values (32 counting /
+  mass-summing passes, :func:`jaxrl.kernels.float_keys.largest_key_where`), never by
+  sorting. **Ties**: every token whose logit equals the threshold is kept, so top-k may keep
+  more than k tokens when logits tie.
 * Token: Gumbel-max, ``argmax_{v in K} x_v + g_v`` (lowest index wins exact ties), with
   ``g_v = -log(-log(u_v))`` and ``u_v`` from a counter-based integer hash of
-  (key words, row, v) — see :func:`gumbel_noise`. Greedy rows use ``g = 0`` (argmax of z).
+  (key words, row, v) — see :func:`jaxrl.kernels.noise.gumbel_noise`. Greedy rows use
+  ``g = 0`` (argmax of z).
 * Log-prob of the chosen token under the distribution actually sampled:
   ``x_c - logsumexp_{v in K} x_v``, evaluated as ``(z_c - max_K z)/T - log sum_K e^{(z - max_K z)/T}``
   (shifting in logit units keeps the max entry at exactly 0 even when T is tiny). Greedy rows report 0 (the degenerate distribution).
@@ -38,93 +41,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxrl.kernels.backend import resolve_impl
+from jaxrl.kernels.float_keys import KEY_NEG_INF, float_key, largest_key_where
+from jaxrl.kernels.noise import gumbel_from_seeds, gumbel_noise, make_key_data, per_row_key_words, row_seeds
+
+__all__ = ["gumbel_noise", "make_key_data", "sample_tokens", "sample_tokens_reference"]
+
 _NEG_INF = float("-inf")
-
-
-def _i32(value: int) -> int:
-    """The int32 with the same 32 bits as the unsigned constant ``value``."""
-    return int(np.array(value, dtype=np.uint32).view(np.int32))
-
-
-_GOLDEN = _i32(0x9E3779B9)
-_MIX_1 = _i32(0x85EBCA6B)
-_MIX_2 = _i32(0xC2B2AE35)
-_INDEX_MUL = _i32(0x27D4EB2F)
-# key(-inf) and key(+inf) under _monotone_key.
-_KEY_NEG_INF = -2139095041
-_KEY_POS_INF = 2139095040
-_SEARCH_STEPS = 32  # enough to shrink the interval [key(-inf), key(+inf) + 1] to width 1
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-    """murmur3 finaliser on int32 bit patterns (wrapping arithmetic, logical shifts)."""
-    h = h ^ lax.shift_right_logical(h, 16)
-    h = h * _MIX_1
-    h = h ^ lax.shift_right_logical(h, 13)
-    h = h * _MIX_2
-    return h ^ lax.shift_right_logical(h, 16)
-
-
-def _row_seeds(seed0: jax.Array, seed1: jax.Array, row: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Two int32 per-row hash words from the key words and the (global) row index."""
-    first = _fmix32(seed0 ^ _fmix32(seed1 + row * _GOLDEN))
-    second = _fmix32(first + _GOLDEN)
-    return first, second
-
-
-def _gumbel_from_seeds(first: jax.Array, second: jax.Array, vocab_index: jax.Array) -> jax.Array:
-    """float32 Gumbel(0, 1) noise for each vocab index, from 23 hash bits per entry."""
-    h = _fmix32(_fmix32((vocab_index * _INDEX_MUL) ^ first) + second)
-    mantissa = lax.shift_right_logical(h, 9).astype(jnp.float32)
-    uniform = (mantissa + 0.5) * (1.0 / (1 << 23))  # in [2^-24, 1 - 2^-24]: never 0 or 1
-    return -jnp.log(-jnp.log(uniform))
-
-
-def gumbel_noise(key_data: jax.Array, num_rows: int, vocab_size: int) -> jax.Array:
-    """The exact noise the sampler adds: float32 [num_rows, vocab_size].
-
-    key_data: uint32 [2] or [num_rows, 2] (see module docstring).
-    """
-    seed0, seed1 = _per_row_key_words(key_data, num_rows)
-    first, second = _row_seeds(seed0[:, None], seed1[:, None], jnp.arange(num_rows)[:, None])
-    return _gumbel_from_seeds(first, second, jnp.arange(vocab_size, dtype=jnp.int32)[None, :])
-
-
-def make_key_data(key: jax.Array, step: jax.Array | int) -> jax.Array:
-    """uint32 [2] sampler key words for one decode step from a jax PRNG key (any impl)."""
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
-    return jax.random.bits(jax.random.fold_in(key, step), (2,), jnp.uint32)
-
-
-def _per_row_key_words(key_data: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
-    """Two int32 [num_rows] key words from uint32 [2] or [num_rows, 2] key data."""
-    key_data = jnp.asarray(key_data)
-    if key_data.dtype != jnp.uint32:
-        raise TypeError(f"key_data must be uint32, got {key_data.dtype}")
-    if key_data.shape == (2,):
-        key_data = jnp.broadcast_to(key_data, (num_rows, 2))
-    if key_data.shape != (num_rows, 2):
-        raise ValueError(f"key_data must have shape [2] or [{num_rows}, 2], got {key_data.shape}")
-    words = lax.bitcast_convert_type(key_data, jnp.int32)
-    return words[:, 0], words[:, 1]
-
-
-def _monotone_key(z: jax.Array) -> jax.Array:
-    """int32 key with key(a) < key(b) iff a < b for non-NaN float32 (-0.0 treated as +0.0)."""
-    z = jnp.where(z == 0.0, 0.0, z)
-    bits = lax.bitcast_convert_type(z, jnp.int32)
-    return bits ^ (lax.shift_right_arithmetic(bits, 31) & 0x7FFFFFFF)
-
-
-def _midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """floor((lo + hi) / 2) for int32 without overflow."""
-    return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
 
 
 def _row_controls(temperature, top_k, top_p, vocab_size):
@@ -157,23 +84,6 @@ def _finish(greedy, inv_temperature, s, t, kept_max, kept_sum, chosen_z):
 # ----------------------------------------------------------------------------------------------
 
 
-def _binary_search_keys(predicate, active):
-    """Largest int32 key u in [key(-inf), key(+inf)] with predicate(u) (monotone, true at
-    key(-inf)); key(-inf) where not ``active``. predicate maps int32 keys of ``active``'s
-    shape to bools of that shape. Shared by the reference and the kernel body."""
-    lo0 = jnp.full(active.shape, _KEY_NEG_INF, jnp.int32)
-    hi0 = jnp.full(active.shape, _KEY_POS_INF + 1, jnp.int32)
-
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = _midpoint(lo, hi)
-        ok = predicate(mid)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = lax.fori_loop(0, _SEARCH_STEPS, step, (lo0, hi0))
-    return jnp.where(active, lo, _KEY_NEG_INF)
-
-
 @jax.jit
 def sample_tokens_reference(logits, key_data, temperature, top_k, top_p):
     """Pure-jnp sampler with the kernel's semantics and noise (see module docstring).
@@ -196,14 +106,14 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p):
     s = jnp.sum(e, axis=1, keepdims=True)
     t = jnp.sum(jnp.where(z > _NEG_INF, e * d, 0.0), axis=1, keepdims=True)
 
-    keys = _monotone_key(z)
+    keys = float_key(z)
     k_active = use_top_k[:, 0]
     thr_k = lax.cond(
         jnp.any(k_active),
-        lambda: _binary_search_keys(
+        lambda: largest_key_where(
             lambda u: jnp.sum(keys >= u[:, None], axis=1) >= top_k, k_active
         ),
-        lambda: jnp.full((num_rows,), _KEY_NEG_INF, jnp.int32),
+        lambda: jnp.full((num_rows,), KEY_NEG_INF, jnp.int32),
     )
 
     def mass_above(u):
@@ -219,10 +129,10 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p):
             mass = mass_above(u)
             return (mass >= top_p * mass_k) & (mass > 0.0)
 
-        return _binary_search_keys(enough_mass, p_active)
+        return largest_key_where(enough_mass, p_active)
 
     thr_p = lax.cond(
-        jnp.any(p_active), search_top_p, lambda: jnp.full((num_rows,), _KEY_NEG_INF, jnp.int32)
+        jnp.any(p_active), search_top_p, lambda: jnp.full((num_rows,), KEY_NEG_INF, jnp.int32)
     )
     threshold = jnp.maximum(thr_k, thr_p)[:, None]
 
@@ -269,7 +179,7 @@ def _sampling_kernel(
     use_top_p = (flags & 4) != 0
     inv_temperature = row_floats_ref[:, 0:1]
     top_p = row_floats_ref[:, 1:2]
-    first, second = _row_seeds(seed0, seed1, row)
+    first, second = row_seeds(seed0, seed1, row)
     lane = lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
 
     def load_tile(j):
@@ -315,17 +225,17 @@ def _sampling_kernel(
     def any_row(flags):
         return jnp.max(flags.astype(jnp.int32)) > 0
 
-    no_threshold = jnp.full(shape, _KEY_NEG_INF, jnp.int32)
+    no_threshold = jnp.full(shape, KEY_NEG_INF, jnp.int32)
 
     def count_at_least(u):
         def tile_count(_, z):
-            return jnp.sum((_monotone_key(z) >= u).astype(jnp.int32), axis=1, keepdims=True)
+            return jnp.sum((float_key(z) >= u).astype(jnp.int32), axis=1, keepdims=True)
 
         return reduce_tiles(tile_count, jnp.zeros(shape, jnp.int32))
 
     thr_k = lax.cond(
         any_row(use_top_k),
-        lambda: _binary_search_keys(lambda u: count_at_least(u) >= top_k, use_top_k),
+        lambda: largest_key_where(lambda u: count_at_least(u) >= top_k, use_top_k),
         lambda: no_threshold,
     )
 
@@ -334,7 +244,7 @@ def _sampling_kernel(
 
         def tile_mass(_, z):
             e = jnp.exp((z - m_safe) * inv_temperature)
-            return jnp.sum(jnp.where(_monotone_key(z) >= floor, e, 0.0), axis=1, keepdims=True)
+            return jnp.sum(jnp.where(float_key(z) >= floor, e, 0.0), axis=1, keepdims=True)
 
         return reduce_tiles(tile_mass, zeros_f)
 
@@ -345,7 +255,7 @@ def _sampling_kernel(
             mass = mass_above(u)
             return (mass >= top_p * mass_k) & (mass > 0.0)
 
-        return _binary_search_keys(enough_mass, use_top_p)
+        return largest_key_where(enough_mass, use_top_p)
 
     thr_p = lax.cond(any_row(use_top_p), search_top_p, lambda: no_threshold)
     threshold = jnp.maximum(thr_k, thr_p)
@@ -354,8 +264,8 @@ def _sampling_kernel(
     def choose_body(j, carry):
         best_score, best_index, best_z, kept_max, kept_sum = carry
         index, z = load_tile(j)
-        kept = _monotone_key(z) >= threshold
-        noise = jnp.where(greedy, 0.0, _gumbel_from_seeds(first, second, index))
+        kept = float_key(z) >= threshold
+        noise = jnp.where(greedy, 0.0, gumbel_from_seeds(first, second, index))
         score = jnp.where(kept, z * inv_temperature + noise, _NEG_INF)
         tile_best = jnp.max(score, axis=1, keepdims=True)
         tile_index = jnp.min(
@@ -395,7 +305,7 @@ def _sample_tokens_pallas(logits, key_data, temperature, top_k, top_p, *, block_
         raise ValueError(f"block_rows must be a power of two, got {block_rows}")
     block_v = min(block_v, pl.next_power_of_2(vocab_size))
     num_tiles = pl.cdiv(vocab_size, block_v)
-    seed0, seed1 = _per_row_key_words(key_data, num_rows)
+    seed0, seed1 = per_row_key_words(key_data, num_rows)
     greedy, inv_temperature, use_top_k, use_top_p = _row_controls(
         temperature, top_k, top_p, vocab_size
     )
@@ -442,14 +352,6 @@ def _sample_tokens_pallas(logits, key_data, temperature, top_k, top_p, *, block_
     return tokens[:num_rows, 0], logprobs[:num_rows, 0], entropies[:num_rows, 0]
 
 
-def _resolve_impl(impl: str) -> str:
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "reference"
-    if impl not in ("pallas", "reference"):
-        raise ValueError(f"impl must be 'auto', 'pallas' or 'reference', got {impl!r}")
-    return impl
-
-
 @functools.partial(
     jax.jit, static_argnames=("impl", "block_v", "interpret", "block_rows", "pad_vocab")
 )
@@ -483,7 +385,7 @@ def sample_tokens(
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (num_rows,))
     top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (num_rows,))
     top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (num_rows,))
-    if _resolve_impl(impl) == "reference":
+    if resolve_impl(impl) == "reference":
         return sample_tokens_reference(logits, key_data, temperature, top_k, top_p)
     backend = jax.default_backend()
     if interpret is None:

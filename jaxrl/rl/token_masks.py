@@ -6,8 +6,9 @@ favour of the smaller flattened index ``b * T + t``. The threshold τ is the ent
 k-th kept token.
 
 Why no sort: τ is found by a binary search over the 32-bit order-preserving integer image of
-the float entropies, and the tie cut by a binary search over the flattened index; every
-probe is an integer count over the whole array. Under ``jit`` those counts are global
+the float entropies (:mod:`jaxrl.kernels.float_keys`, shared with the fused sampler), and
+the tie cut by a binary search over the flattened index; every probe is an integer count
+over the whole array. Under ``jit`` those counts are global
 reductions (an all-reduce when the array is sharded), so the result is bit-identical under
 any sharding and nothing is gathered onto one device. Cost: ~32 + log2(B·T) passes over
 [B, T], negligible next to the model.
@@ -23,6 +24,8 @@ from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
+
+from jaxrl.kernels.float_keys import float_key, key_to_float, largest_key_where
 
 MASK_MODES = ("all", "top", "bottom")
 _RHO_MAX_DENOMINATOR = 10_000
@@ -40,39 +43,16 @@ def selected_count(num_tokens: jax.Array, rho: float) -> jax.Array:
     return (n // q) * p + ((n % q) * p + q - 1) // q
 
 
-def _order_preserving_keys(values: jax.Array) -> jax.Array:
-    """uint32 keys with key(a) < key(b) ⇔ a < b for float32 values (NaN → -inf, -0 → +0)."""
+def _entropy_keys(values: jax.Array) -> jax.Array:
+    """int32 order-preserving keys of float32 entropies (NaN ranks as -inf, -0 as +0)."""
     values = jnp.asarray(values, jnp.float32)
-    values = jnp.where(jnp.isnan(values), -jnp.inf, values)
-    values = jnp.where(values == 0, jnp.float32(0), values)
-    bits = jax.lax.bitcast_convert_type(values, jnp.uint32)
-    negative = (bits >> 31) == 1
-    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
-
-
-def _key_to_float(key: jax.Array) -> jax.Array:
-    """Inverse of ``_order_preserving_keys`` (float32 scalar)."""
-    was_positive = (key >> 31) == 1
-    bits = jnp.where(was_positive, key & jnp.uint32(0x7FFFFFFF), ~key)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return float_key(jnp.where(jnp.isnan(values), -jnp.inf, values))
 
 
 def _kth_largest_key(keys: jax.Array, population: jax.Array, k: jax.Array) -> jax.Array:
-    """Largest key τ with #{population, key ≥ τ} ≥ k (uint32 scalar); any key if k = 0."""
-
-    def count_at_least(threshold):
-        return jnp.sum(population & (keys >= threshold), dtype=jnp.int32)
-
-    def probe(_, bounds):
-        lo, hi = bounds
-        span = hi - lo
-        mid = lo + (span >> 1) + (span & 1)  # upper middle, overflow-free in uint32
-        enough = count_at_least(mid) >= k
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
-
-    bounds = (jnp.uint32(0), jnp.uint32(0xFFFFFFFF))
-    lo, _ = jax.lax.fori_loop(0, 32, probe, bounds)
-    return lo
+    """Largest key τ with #{population, key ≥ τ} ≥ k (int32 scalar); any key if k = 0."""
+    return largest_key_where(lambda u: jnp.sum(population & (keys >= u), dtype=jnp.int32) >= k,
+                             jnp.bool_(True))
 
 
 def _first_indices(candidates: jax.Array, flat_index: jax.Array, needed: jax.Array) -> jax.Array:
@@ -128,7 +108,7 @@ def forking_token_mask(
     population = valid
     if truncated is not None and not include_truncated:
         population = valid & ~jnp.asarray(truncated, bool)[:, None]
-    keys = _order_preserving_keys(entropy)
+    keys = _entropy_keys(entropy)
     k = selected_count(jnp.sum(population, dtype=jnp.int32), rho)
     tau = _kth_largest_key(keys, population, k)
 
@@ -139,7 +119,7 @@ def forking_token_mask(
     top = above | _first_indices(at_threshold, flat_index, needed)
     # Rows outside the population (excluded truncated rows) are compared against τ.
     top = top | (valid & ~population & (keys >= tau) & (k > 0))
-    threshold = jnp.where(k > 0, _key_to_float(tau), jnp.float32(jnp.inf))
+    threshold = jnp.where(k > 0, key_to_float(tau), jnp.float32(jnp.inf))
     if mode == "top":
         return top, threshold
     return valid & ~top, threshold

@@ -1,0 +1,145 @@
+"""Rollout backends: the one interface the trainer and the evaluator sample through.
+
+A backend turns host prompts into a :class:`~jaxrl.types.Rollout` on device. Backends are
+built by name (:func:`make_backend`) from factories registered with :func:`register_backend`.
+
+"static" (:class:`StaticBackend`) runs the engine of :mod:`jaxrl.sampling.static` on the
+parameters it is handed at each call, in chunks of at most ``max_rows_per_call`` rows:
+
+* chunk = N prompts if ``max_rows_per_call <= 0``, else ``max(1, min(N, cap // n))``;
+* the chunk starting at prompt ``first`` samples with ``key`` when ``first == 0`` and with
+  ``jax.random.fold_in(key, first)`` otherwise, so a rollout depends only on (params,
+  prompts, n, key, chunk size);
+* a short tail chunk is padded to the full chunk with copies of its first prompt (static
+  shapes: no recompile) and the padding rows are dropped;
+* with a mesh, each chunk's prompts are placed on it with the batch rule (rows over
+  (data, fsdp), replicated where they do not divide).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl.models.config import ModelConfig
+from jaxrl.sampling.config import SamplingConfig
+from jaxrl.sampling.static import generate_from_params
+from jaxrl.sharding.rules import named_sharding
+from jaxrl.sharding.transfer import put_on_mesh
+from jaxrl.types import Rollout
+
+
+class RolloutBackend(Protocol):
+    """What the trainer and evaluator need from a sampler.
+
+    pad_id: the id filling prompt padding and completion slots after a stop.
+    stop_token_ids: a row stops after emitting any of these.
+    """
+
+    pad_id: int
+    stop_token_ids: tuple[int, ...]
+
+    def generate(self, params, prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, n: int,
+                 key: jax.Array, *, temperature: float | None = None,
+                 top_p: float | None = None) -> Rollout:
+        """``n`` completions per prompt. prompt_tokens: int32 [N, P] left-padded host array,
+        prompt_lengths: int32 [N]; temperature / top_p: None = the SamplingConfig's. Returns
+        N * n rows grouped by prompt in prompt order, group_ids in 0..N-1 (device arrays)."""
+        ...
+
+    def update_params(self, params) -> None:
+        """Hand the backend new policy parameters (a no-op for backends given params per call)."""
+        ...
+
+
+BackendFactory = Callable[..., RolloutBackend]
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Decorator registering a factory ``(model_cfg, sampling_cfg, mesh, *, max_rows_per_call)
+    -> RolloutBackend`` under ``name``; ValueError when the name is taken."""
+
+    def register(factory: BackendFactory) -> BackendFactory:
+        if name in _BACKENDS:
+            raise ValueError(f"rollout backend {name!r} is already registered")
+        _BACKENDS[name] = factory
+        return factory
+
+    return register
+
+
+def make_backend(name: str, model_cfg: ModelConfig, sampling_cfg: SamplingConfig,
+                 mesh: jax.sharding.Mesh | None, *, max_rows_per_call: int = 0) -> RolloutBackend:
+    """The rollout backend registered as ``name``. mesh: where prompts go (None = no
+    placement); max_rows_per_call: rows (prompts x n) decoded at once, <= 0 = no cap."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown rollout backend {name!r}; registered: {sorted(_BACKENDS)}")
+    return _BACKENDS[name](model_cfg, sampling_cfg, mesh, max_rows_per_call=max_rows_per_call)
+
+
+def prompts_per_call(num_prompts: int, n: int, max_rows_per_call: int) -> int:
+    """Prompts decoded per engine call: all of them when ``max_rows_per_call <= 0``, else as
+    many as fit the cap (at least one)."""
+    if max_rows_per_call <= 0:
+        return num_prompts
+    return max(1, min(num_prompts, max_rows_per_call // n))
+
+
+@register_backend("static")
+class StaticBackend:
+    """The jitted engine of :mod:`jaxrl.sampling.static`, called chunk by chunk (see the
+    module docstring); parameters are passed to every ``generate`` call."""
+
+    def __init__(self, model_cfg: ModelConfig, sampling_cfg: SamplingConfig,
+                 mesh: jax.sharding.Mesh | None, *, max_rows_per_call: int = 0):
+        self.model_cfg = model_cfg
+        self.sampling_cfg = sampling_cfg
+        self.mesh = mesh
+        self.max_rows_per_call = int(max_rows_per_call)
+        self.pad_id = sampling_cfg.resolved_pad_id(model_cfg)
+        self.stop_token_ids = sampling_cfg.resolved_stop_token_ids(model_cfg)
+
+    def update_params(self, params) -> None:
+        """No-op: this backend is handed the parameters at each ``generate``."""
+
+    def _place(self, array: np.ndarray, logical: tuple[str | None, ...]):
+        """A host prompt array laid out on the mesh by ``logical`` (as is without a mesh)."""
+        if self.mesh is None:
+            return array
+        return put_on_mesh(array, named_sharding(logical, self.mesh, array.shape))
+
+    def generate(self, params, prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, n: int,
+                 key: jax.Array, *, temperature: float | None = None,
+                 top_p: float | None = None) -> Rollout:
+        """See :class:`RolloutBackend`; rows have the engine's layout (prompt_tokens [N * n, P_b],
+        tokens / logprobs / entropies [N * n, max_new_tokens])."""
+        prompt_tokens = np.asarray(prompt_tokens, np.int32)
+        prompt_lengths = np.asarray(prompt_lengths, np.int32)
+        if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
+            raise ValueError(f"prompt_tokens must be [N, P] and prompt_lengths [N], got shapes "
+                             f"{prompt_tokens.shape} and {prompt_lengths.shape}")
+        num_prompts = prompt_tokens.shape[0]
+        chunk = prompts_per_call(num_prompts, n, self.max_rows_per_call)
+        starts = range(0, num_prompts, chunk)
+        parts = []
+        for first in starts:
+            tokens_in, lengths_in = prompt_tokens[first:first + chunk], prompt_lengths[first:first + chunk]
+            real = tokens_in.shape[0]
+            if real < chunk:  # static shape: no recompile on the tail
+                tokens_in = np.concatenate([tokens_in, np.repeat(tokens_in[:1], chunk - real, axis=0)])
+                lengths_in = np.concatenate([lengths_in, np.repeat(lengths_in[:1], chunk - real)])
+            rollout = generate_from_params(
+                params, self.model_cfg, self._place(tokens_in, ("batch", None)),
+                self._place(lengths_in, ("batch",)), n, self.sampling_cfg,
+                key if first == 0 else jax.random.fold_in(key, first),
+                temperature=temperature, top_p=top_p,
+            )
+            if len(starts) == 1:
+                return rollout
+            rollout = rollout.replace(group_ids=rollout.group_ids + first)
+            parts.append(jax.tree.map(lambda x: x[: real * n], rollout))
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
