@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxrl.models.config import ModelConfig
-from jaxrl.models.sharding import param_logical_axes, param_shapes, param_shardings
+from jaxrl.models.sharding import param_shapes, param_shardings
 from jaxrl.models.transformer import Params, Transformer, model_params
 
 _ST_DTYPES = {
