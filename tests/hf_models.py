@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
+# torch and transformers are imported where used: heavy (seconds), and torch is only in the
+# "test" extra.
+
 TINY_COMMON = dict(
     vocab_size=97,
     hidden_size=64,
@@ -65,7 +70,6 @@ def make_hf_model(model_type: str, directory: str, *, seed: int = 0, **overrides
 
 def hf_logits(model, tokens, attention_mask, positions):
     """float64 numpy logits of an HF model for numpy int inputs."""
-    import numpy as np
     import torch
 
     with torch.no_grad():
@@ -79,8 +83,6 @@ def hf_logits(model, tokens, attention_mask, positions):
 
 def left_padded_batch(vocab_size: int, lengths, total: int, *, seed: int = 0, pad_id: int = 0):
     """tokens, mask, positions (numpy) for a left-padded batch of the given real lengths."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     b = len(lengths)
     tokens = np.full((b, total), pad_id, np.int32)

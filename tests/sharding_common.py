@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import (decoder_hidden, decoder_hidden_with_cache, init_kv_cache,
@@ -96,15 +97,11 @@ def new_cache(batch: int, steps: int):
 
 def optimizer():
     """AdamW used by the multi-device training checks."""
-    import optax
-
     return optax.adamw(1e-2, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.1)
 
 
 def train_step(params, opt_state, batch, tx):
     """One optimizer update → (params, opt_state, loss)."""
-    import optax
-
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

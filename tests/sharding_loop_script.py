@@ -7,13 +7,13 @@ Usage: python -m tests.sharding_loop_script MODEL_DIR ROOT NAME MAX_ROWS_PER_CAL
 import json
 import sys
 
+import jax
+
 from jaxrl.train import loop
 from tests.test_train_loop import comparable, tiny_config
 
 
 def main(model_dir: str, root: str, name: str, max_rows_per_call: int) -> None:
-    import jax
-
     cfg = tiny_config(model_dir, root, "dapo_forking", name=name, train__num_steps=2)
     cfg.rl.mini_batch_prompts = 2  # 8 rows: divisible over 8 devices
     cfg.sampling.max_rows_per_call = max_rows_per_call

@@ -21,6 +21,7 @@ if len(sys.argv) > 2:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, KeyError, ValueError):
         pass
+    # only the two-process run needs it; it must start jax.distributed before any device is used
     from jaxrl.sharding.mesh import maybe_initialize_distributed
 
     assert maybe_initialize_distributed({"coordinator_address": f"localhost:{sys.argv[2]}",

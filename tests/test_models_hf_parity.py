@@ -54,6 +54,7 @@ def test_bf16_compute_stays_close(hf_pair):
 
 
 def test_round_trip_through_save_pretrained(hf_pair, tmp_path):
+    # heavy, test-extra dependencies: imported only by the test that reloads with transformers
     import torch
     from transformers import AutoModelForCausalLM
 

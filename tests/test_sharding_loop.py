@@ -1,6 +1,7 @@
 """The RL loop on 8 CPU devices (data=8) equals the loop on one device, step for step."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,8 +37,6 @@ def test_loop_on_eight_devices_matches_one_device(tiny_model_dir, tmp_path):
 
 
 def test_capped_rows_per_call_samples_in_chunks_on_eight_devices(tiny_model_dir, tmp_path):
-    import math
-
     metrics = run_loop(tiny_model_dir, str(tmp_path), "chunked", 8, max_rows_per_call=4)  # 1 prompt a call
     for step in metrics:
         assert step["rows_trained"] > 0 and math.isfinite(step["loss"])

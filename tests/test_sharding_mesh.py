@@ -6,14 +6,18 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxrl.models.config import ModelConfig
+from jaxrl.models.transformer import init_params, param_shapes
 from jaxrl.sharding.mesh import (batch_sharding, detect_cluster, make_mesh,
                                  maybe_initialize_distributed, resolve_axis_sizes)
-from jaxrl.sharding.rules import logical_to_spec, param_shardings, rules_without_fsdp, shard_shape
+from jaxrl.sharding.rules import (constrain, logical_to_spec, param_shardings, rules_without_fsdp,
+                                  shard_shape, shardings_like_params)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
@@ -60,8 +64,6 @@ def test_logical_to_spec_divisibility_fallbacks():
 def test_param_shardings_cover_every_parameter():
     cfg = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
-    from jaxrl.models.transformer import param_shapes
-
     shardings = param_shardings(cfg, make_mesh())
     shapes = param_shapes(cfg)
     assert jax.tree_util.tree_structure(shardings) == jax.tree_util.tree_structure(
@@ -140,10 +142,6 @@ def test_load_into_shards_and_reshard_to_sampling_mesh(eight_device_results):
 
 
 def test_constrain_is_identity_without_mesh_and_a_constraint_under_one():
-    import jax.numpy as jnp
-
-    from jaxrl.sharding.rules import constrain
-
     x = jnp.ones((4, 3, 8))
     assert constrain(x, "hidden") is x
     mesh = make_mesh()
@@ -153,11 +151,6 @@ def test_constrain_is_identity_without_mesh_and_a_constraint_under_one():
 
 
 def test_optimizer_state_follows_parameter_shardings():
-    import optax
-
-    from jaxrl.models.transformer import init_params, param_shapes
-    from jaxrl.sharding.rules import shardings_like_params
-
     cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
     mesh = make_mesh()

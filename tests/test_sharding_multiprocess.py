@@ -5,7 +5,11 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
+
+from jaxrl.models.transformer import init_params
+from tests.sharding_common import TINY
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "sharding_multiprocess_script.py")
@@ -52,9 +56,5 @@ def test_two_processes_reach_the_single_process_parameters(tmp_path):
     for name in names:
         np.testing.assert_allclose(multi[name], single[name], rtol=0, atol=1e-6, err_msg=name)
     # the two updates moved the parameters (lr 1e-2): the comparison is not between inits
-    from jaxrl.models.transformer import init_params
-    from tests.sharding_common import TINY
-    import jax
-
     init = jax.device_get(init_params(TINY, jax.random.key(0), std=0.1))
     assert np.max(np.abs(single["['blocks']['q_proj']"] - init["blocks"]["q_proj"])) > 1e-3

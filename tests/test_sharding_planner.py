@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from jaxrl.models.config import ModelConfig
-from jaxrl.sharding.planner import (GIB, KNOWN_MODELS, PlanSettings, main, parse_hardware, plan,
-                                    resolve_model)
+from jaxrl.plan import GIB, KNOWN_MODELS, PlanSettings, main, parse_hardware, plan, resolve_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -17,6 +17,11 @@ import json
 import os
 from typing import Sequence
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import models as tokenizer_models
+
+from jaxrl.models.hf_io import load_tokenizer  # noqa: F401  (its one home; re-exported for data users)
+
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<bos>", "<eos>", "<unk>"
 SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN = "<|system|>", "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
@@ -50,9 +55,7 @@ def tokenizer_vocab() -> dict[str, int]:
 
 def _build_backend():
     """The ``tokenizers.Tokenizer`` behind the HF wrapper."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    backend = Tokenizer(models.WordLevel(vocab=tokenizer_vocab(), unk_token=UNK_TOKEN))
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab=tokenizer_vocab(), unk_token=UNK_TOKEN))
     word_alternatives = "|".join(w.replace(":", r"\:") for w in WORD_TOKENS)
     # Each match becomes one piece: a whole word token or else a single character.
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(rf"{word_alternatives}|[\s\S]"), behavior="isolated")
@@ -88,19 +91,6 @@ def build_tokenizer(out_dir: str | os.PathLike, *, model_max_length: int = 512) 
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as handle:
         json.dump({**special_map, "additional_special_tokens": role_tokens}, handle, indent=2)
     return out_dir
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """Loads a local HF tokenizer directory with ``AutoTokenizer`` (never touches the network)."""
-    from transformers import AutoTokenizer
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    known_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in known_files):
-        raise FileNotFoundError(f"no tokenizer files ({', '.join(known_files)}) in {path}")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def build_prompt_text(tokenizer, prompt: str, *, system_prompt: str | None = None, use_chat_template: bool = True) -> str:

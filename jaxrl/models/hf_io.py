@@ -21,10 +21,11 @@ from typing import Any, Iterator
 import jax
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxrl.models.config import ModelConfig
-from jaxrl.models.transformer import (Params, Transformer, model_params, param_logical_axes,
-                                      param_shapes)
+from jaxrl.models.sharding import param_shapes, param_shardings
+from jaxrl.models.transformer import Params, Transformer, model_params
 
 _ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -219,7 +220,7 @@ def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | N
     dtype: compute dtype ("float32" | "bfloat16"); param_dtype: storage dtype (default
     float32 so optimizer updates are exact; pass "bfloat16" for inference). With a ``mesh``,
     every parameter is created directly in the sharding given by its logical axes and
-    ``rules`` (see jaxrl.sharding.rules); otherwise on the default device.
+    ``rules`` (see jaxrl.models.sharding); otherwise on the default device.
     """
     cfg = ModelConfig.from_hf(path, **config_overrides)
     changes = {}
@@ -231,12 +232,7 @@ def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | N
     files = open_checkpoint(path)
     sources = _param_sources(cfg, files)
     shapes = param_shapes(cfg)
-    if mesh is not None:
-        from jaxrl.sharding.rules import param_shardings
-
-        shardings = param_shardings(cfg, mesh, rules)
-    else:
-        shardings = None
+    shardings = param_shardings(cfg, mesh, rules) if mesh is not None else None
     target_dtype = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
     params: Params = {}
     for path_key, parts in sources.items():
@@ -268,8 +264,6 @@ def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | N
 def _host_array(x: jax.Array) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -351,12 +345,17 @@ def save_pretrained(model: Transformer, path: str, *, max_shard_bytes: int = 5 *
                 shutil.copyfile(src, os.path.join(path, name))
 
 
-def load_tokenizer(path: str):
-    """``transformers.AutoTokenizer`` from a local directory (never the hub)."""
+def load_tokenizer(path: str | os.PathLike):
+    """``transformers.AutoTokenizer`` from a local tokenizer directory (never the hub)."""
+    # transformers takes seconds to import: only callers that load a tokenizer pay for it.
     from transformers import AutoTokenizer
 
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    known_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in known_files):
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(known_files)}) in {path}")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -29,75 +29,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 
 from jaxrl.models.config import ModelConfig
-from jaxrl.sharding.rules import constrain
+from jaxrl.models.sharding import KVCache, Params, constrain, kv_cache_shape, param_shapes
 
-Params = dict[str, Any]
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked rows give no NaN
-
-# Logical axis names of every parameter (leading "layers" for stacked block weights); the
-# sharding rules map them to mesh axes.
-_BLOCK_AXES = {
-    "attn_norm": ("layers", "embed_norm"),
-    "q_proj": ("layers", "embed", "q_heads"),
-    "k_proj": ("layers", "embed", "kv_heads"),
-    "v_proj": ("layers", "embed", "kv_heads"),
-    "o_proj": ("layers", "q_heads", "embed"),
-    "q_bias": ("layers", "q_heads"),
-    "k_bias": ("layers", "kv_heads"),
-    "v_bias": ("layers", "kv_heads"),
-    "o_bias": ("layers", "embed_norm"),
-    "q_norm": ("layers", "head_dim"),
-    "k_norm": ("layers", "head_dim"),
-    "mlp_norm": ("layers", "embed_norm"),
-    "gate_proj": ("layers", "embed", "mlp"),
-    "up_proj": ("layers", "embed", "mlp"),
-    "down_proj": ("layers", "mlp", "embed"),
-    "gate_bias": ("layers", "mlp"),
-    "up_bias": ("layers", "mlp"),
-    "down_bias": ("layers", "embed_norm"),
-}
-
-
-def param_shapes(cfg: ModelConfig) -> Params:
-    """Nested dict of the shape of every parameter (same structure as ``params``)."""
-    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
-    blocks = {
-        "attn_norm": (L, D),
-        "q_proj": (L, D, q),
-        "k_proj": (L, D, kv),
-        "v_proj": (L, D, kv),
-        "o_proj": (L, q, D),
-        "mlp_norm": (L, D),
-        "gate_proj": (L, D, F),
-        "up_proj": (L, D, F),
-        "down_proj": (L, F, D),
-    }
-    if cfg.qkv_bias:
-        blocks.update(q_bias=(L, q), k_bias=(L, kv), v_bias=(L, kv))
-    if cfg.o_bias:
-        blocks["o_bias"] = (L, D)
-    if cfg.mlp_bias:
-        blocks.update(gate_bias=(L, F), up_bias=(L, F), down_bias=(L, D))
-    if cfg.qk_norm:
-        blocks.update(q_norm=(L, hd), k_norm=(L, hd))
-    shapes: Params = {"embed": (V, D), "blocks": blocks, "final_norm": (D,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (D, V)
-    return shapes
-
-
-def param_logical_axes(cfg: ModelConfig) -> Params:
-    """Nested dict of logical axis names per parameter (same structure as ``params``)."""
-    blocks = {name: _BLOCK_AXES[name] for name in param_shapes(cfg)["blocks"]}
-    axes: Params = {"embed": ("vocab", "embed"), "blocks": blocks, "final_norm": ("embed_norm",)}
-    if not cfg.tie_word_embeddings:
-        axes["lm_head"] = ("embed", "vocab")
-    return axes
-
 
 def init_params(cfg: ModelConfig, key: jax.Array, *, std: float = 0.02) -> Params:
     """Random parameters: normal(0, std) matrices, ones for norm weights, zeros for biases."""
@@ -182,21 +119,9 @@ def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
     return y if b is None else y + b.astype(x.dtype)
 
 
-@struct.dataclass
-class KVCache:
-    """Per-layer keys/values: k, v [L, B, S, K, hd] (rotary already applied to k)."""
-
-    k: jax.Array
-    v: jax.Array
-
-    @property
-    def max_length(self) -> int:
-        return self.k.shape[2]
-
-
 def init_kv_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
     """Zero cache for ``batch`` rows and ``max_length`` slots (dtype defaults to cfg.dtype)."""
-    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+    shape = kv_cache_shape(cfg, batch, max_length)
     dtype = jnp.dtype(dtype or cfg.dtype)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxrl.sharding.rules import DEFAULT_RULES
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -67,14 +69,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def mesh_from_config(mesh_cfg: Any | None) -> Mesh:
-    """Mesh from a config section with optional keys data / fsdp / tensor (default -1, 1, 1)."""
-    return make_mesh(
-        data=_get(mesh_cfg, "data", -1), fsdp=_get(mesh_cfg, "fsdp", 1),
-        tensor=_get(mesh_cfg, "tensor", 1),
-    )
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding that keeps a full copy on every device of the mesh."""
     return NamedSharding(mesh, PartitionSpec())
@@ -82,8 +76,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping[str, Any] | None = None) -> NamedSharding:
     """Sharding of a [B, ...] batch array: the leading axis follows the ``batch`` rule."""
-    from jaxrl.sharding.rules import DEFAULT_RULES
-
     rules = DEFAULT_RULES if rules is None else rules
     axes = rules["batch"]
     return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))

@@ -1,0 +1,271 @@
+"""Memory model of the planner: per-device bytes of one RL step and whether it fits.
+
+``estimate(model_cfg, settings, hardware) -> Plan`` is a pure function of shapes. It uses the
+same sharding rules as the run (``jaxrl.sharding.rules.logical_to_spec`` on the mesh sizes),
+so parameter, optimizer and gradient bytes are exact per-device shard sizes; activations,
+log-prob chunk buffers and the KV cache follow the formulas below. ``jaxrl.plan.plan`` adds
+the knob advice (``advice.py``); ``jaxrl.plan.main(argv)`` is the ``jaxrl plan`` command.
+
+Phases (one device; everything per device):
+
+* persistent: master params + AdamW moments (+ a frozen reference model, + a separate
+  sampling copy when the sampler uses another dtype or mesh).
+* train: persistent + gradients (the micro-batch gradient and the accumulator) + the
+  update's temporaries + activations of one micro-batch under the remat policy + the
+  log-prob/entropy chunk buffers + the layer weights gathered over fsdp (XLA hoists that
+  all-gather out of the layer scan, so all layers' weights are gathered at once).
+* sample: persistent + KV cache of the concurrent rollout rows + one decode step's logits.
+
+Peak = max(train, sample). Units: bytes; GiB = 2**30 bytes.
+
+Activation model per layer (b rows on this device, S positions, c compute-dtype bytes,
+Hq/K/F/V the per-device query heads, KV heads, MLP width and vocab after tensor sharding):
+residual-sized terms ``b·S·D·c``, head-sized ``b·S·Hq·hd·c``, MLP-sized ``b·S·F·c`` and the
+attention scores ``b·Hq·S·S`` in float32 (the jnp attention materialises them). remat
+"none" keeps every intermediate of every layer; "dots" keeps the matmul outputs (scores
+included); "full" keeps each layer's input and recomputes one layer at a time in the
+backward pass. The multipliers (``_UPDATE_TEMP_TREES``, ``_ACTIVATION_SCALE``) were fitted by
+least squares against XLA's ``memory_analysis()`` of ``jaxrl.train.step``'s update on an
+8-device CPU mesh for one small model and checked on another (BENCHMARKS.md, "Memory
+planner").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+
+from jaxrl.models.config import ModelConfig
+from jaxrl.models.sharding import logical_to_spec, param_logical_axes, param_shapes, shard_shape
+from jaxrl.plan.hardware import GIB, Hardware
+from jaxrl.sharding.mesh import resolve_axis_sizes
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8": 1}
+
+
+# --------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class PlanSettings:
+    """Training and sampling shapes of one RL step (global sizes unless stated).
+
+    mesh: (data, fsdp, tensor); -1 = the rest of the devices.
+    micro_batch_rows: rows per gradient micro-batch (all devices together).
+    mini_batch_rows: rows per optimizer update; more than ``micro_batch_rows`` means gradient
+      accumulation (a second parameter-sized gradient tree). None = equal (no accumulation).
+    prompt_len / response_len: padded P and T; training sequences are P + T long.
+    logprob_chunk: positions per chunk of the log-prob/entropy scan.
+    sampling_rows: rollout rows decoded concurrently (all devices together).
+    sampling_mesh: mesh of the sampler, None = the training mesh (same arrays, no copy).
+    sampling_dtype: dtype of the sampler's weights; a copy is kept when it differs from
+      ``param_dtype`` or the sampling mesh differs. kv_dtype: KV-cache dtype (None = dtype).
+    reference_model: keep a frozen reference (KL) in ``dtype`` with the training sharding.
+    attention: "jnp" (materialises [b, Hq, S, S] float32 scores, what the trainer runs
+      today) or "flash" (a blocked kernel; scores O(b·Hq·S·block)).
+    """
+
+    mesh: tuple[int, int, int] = (1, -1, 1)
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"
+    remat: str = "full"
+    micro_batch_rows: int = 8
+    mini_batch_rows: int | None = None
+    prompt_len: int = 1024
+    response_len: int = 4096
+    logprob_chunk: int = 256
+    sampling_rows: int = 64
+    sampling_mesh: tuple[int, int, int] | None = None
+    sampling_dtype: str | None = None
+    kv_dtype: str | None = None
+    reference_model: bool = False
+    attention: str = "jnp"
+
+    def __post_init__(self):
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat must be none | full | dots, got {self.remat!r}")
+        if self.attention not in ("jnp", "flash"):
+            raise ValueError(f"attention must be jnp | flash, got {self.attention!r}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPE_BYTES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPE_BYTES)}")
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device bytes of each component, the phase peaks, and the verdict."""
+
+    hardware: Hardware
+    mesh: dict[str, int]
+    components: dict[str, int]
+    train_bytes: int
+    sample_bytes: int
+    peak_bytes: int
+    fits: bool
+    advice: list[str]
+    notes: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "hardware": dataclasses.asdict(self.hardware), "mesh": self.mesh,
+            "components": self.components, "train_bytes": self.train_bytes,
+            "sample_bytes": self.sample_bytes, "peak_bytes": self.peak_bytes,
+            "fits": self.fits, "advice": self.advice, "notes": self.notes,
+        }
+
+    def format(self) -> str:
+        """Human-readable table (GiB per device)."""
+        hw = self.hardware
+        lines = [
+            f"hardware {hw.name}: {hw.num_devices} devices x {hw.hbm_bytes / GIB:.0f} GiB "
+            f"(plan for {hw.usable_fraction:.0%} = {hw.usable_bytes / GIB:.1f} GiB)",
+            "mesh " + " ".join(f"{k}={v}" for k, v in self.mesh.items()),
+            f"{'component':<34}{'GiB/device':>12}",
+        ]
+        for name, value in self.components.items():
+            lines.append(f"  {name:<32}{value / GIB:>12.2f}")
+        lines += [
+            f"{'train phase':<34}{self.train_bytes / GIB:>12.2f}",
+            f"{'sample phase':<34}{self.sample_bytes / GIB:>12.2f}",
+            f"{'peak':<34}{self.peak_bytes / GIB:>12.2f}  -> {'FITS' if self.fits else 'DOES NOT FIT'}",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"knob: {a}" for a in self.advice]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the model
+# Fitted multipliers (XLA CPU memory_analysis, see BENCHMARKS.md "Memory planner").
+_UPDATE_TEMP_TREES = 0.7     # optimizer-update temporaries, in parameter-sized trees
+_LOGITS_BUFFERS = 3.0        # [b, C, V] float32 buffers live in one log-prob chunk (fwd+bwd)
+# XLA's activation bytes relative to the count in ``activation_bytes`` (it keeps rope tables,
+# broadcast masks and softmax pieces, and reuses buffers of dead intermediates).
+_ACTIVATION_SCALE = {"none": 1.1, "dots": 0.7, "full": 0.67}
+
+
+def _mesh_sizes(mesh: tuple[int, int, int], num_devices: int) -> dict[str, int]:
+    data, fsdp, tensor = resolve_axis_sizes(num_devices, *mesh)
+    return {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def _param_shard_elements(cfg: ModelConfig, sizes: dict[str, int], rules=None) -> tuple[int, int]:
+    """(elements of all parameter shards on one device, elements of the layer weights on one
+    device once gathered over fsdp, i.e. still split over tensor)."""
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    flat_shapes = jax.tree_util.tree_leaves(param_shapes(cfg), is_leaf=is_shape)
+    flat_axes = jax.tree_util.tree_leaves(param_logical_axes(cfg), is_leaf=is_shape)
+    no_fsdp = dict(sizes, fsdp=1)
+    total = gathered = 0
+    for shape, logical in zip(flat_shapes, flat_axes):
+        total += math.prod(shard_shape(shape, logical_to_spec(logical, shape, sizes, rules), sizes))
+        if logical and logical[0] == "layers":
+            spec = logical_to_spec(logical, shape, no_fsdp, rules)
+            gathered += math.prod(shard_shape(shape, spec, no_fsdp))
+    return total, gathered
+
+
+def _split(n: int, ways: int) -> int:
+    """n / ways when ways divides n (the rule shards it), otherwise n (replicated)."""
+    return n // ways if n % ways == 0 else n
+
+
+def _rows_per_device(rows: int, sizes: dict[str, int]) -> int:
+    spec = logical_to_spec(("batch",), (rows,), sizes)
+    return shard_shape((rows,), spec, sizes)[0]
+
+
+def activation_bytes(cfg: ModelConfig, settings: PlanSettings, sizes: dict[str, int]) -> dict[str, int]:
+    """Per-device activation bytes of one micro-batch's forward + backward (see module doc)."""
+    c = _DTYPE_BYTES[settings.dtype]
+    t = sizes["tensor"]
+    b = _rows_per_device(settings.micro_batch_rows, sizes)
+    s = settings.prompt_len + settings.response_len
+    resp = settings.response_len
+    d, hd = cfg.hidden_size, cfg.head_dim
+    hq = _split(cfg.num_heads * hd, t)
+    kv = _split(cfg.num_kv_heads * hd, t)
+    f = _split(cfg.intermediate_size, t)
+    v = _split(cfg.vocab_size, t)
+    heads = _split(cfg.num_heads, t)
+    if settings.attention == "jnp":
+        score_cols = s
+    else:
+        score_cols = min(s, 512)
+    residual = b * s * d * c
+    head_terms = b * s * (hq + 2 * kv) * c
+    mlp = b * s * f * c
+    scores = b * heads * s * score_cols * 4
+    probs = b * heads * s * score_cols * c
+    # every intermediate of one layer: 4 residual-sized (input, 2 norms, mid), q/k/v before
+    # and after rope + attention output, scores (f32) + probs + mask, gate/up/silu/product
+    layer_all = (4 * residual + 2 * head_terms + b * s * hq * c + scores + probs
+                 + b * s * score_cols + 4 * mlp)
+    layer_dots = (2 * residual + head_terms + b * s * hq * c + scores + 2 * mlp)
+    layers = cfg.num_layers
+    if settings.remat == "none":
+        saved = layers * layer_all
+        live = layer_all
+    elif settings.remat == "dots":
+        saved = layers * layer_dots
+        live = layer_all
+    else:
+        saved = layers * residual
+        live = layer_all
+    scale = _ACTIVATION_SCALE[settings.remat]
+    chunk = min(settings.logprob_chunk, resp)
+    logits = int(_LOGITS_BUFFERS * b * chunk * v * 4)
+    hidden = 2 * b * resp * d * c + 2 * b * s * d * c  # final hidden + its cotangent, embeds
+    return {"activations_saved": int(scale * saved), "activations_live": int(scale * (live + hidden)),
+            "logprob_chunk_buffers": logits}
+
+
+def estimate(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware) -> Plan:
+    """Per-device memory of one RL step on ``hardware`` (see the module docstring); no advice."""
+    sizes = _mesh_sizes(settings.mesh, hardware.num_devices)
+    p = _DTYPE_BYTES[settings.param_dtype]
+    c = _DTYPE_BYTES[settings.dtype]
+    param_elems, gathered_elems = _param_shard_elements(model_cfg, sizes)
+    comps: dict[str, int] = {}
+    comps["params"] = param_elems * p
+    comps["optimizer_state"] = 2 * param_elems * p
+    if settings.reference_model:
+        comps["reference_params"] = param_elems * c
+    sampling_dtype = settings.sampling_dtype or settings.param_dtype
+    sampling_sizes = sizes
+    notes: list[str] = []
+    if settings.sampling_mesh is not None:
+        sampling_sizes = _mesh_sizes(settings.sampling_mesh, hardware.num_devices)
+    if sampling_dtype != settings.param_dtype or sampling_sizes != sizes:
+        sampling_elems, _ = _param_shard_elements(model_cfg, sampling_sizes)
+        comps["sampling_params_copy"] = sampling_elems * _DTYPE_BYTES[sampling_dtype]
+    persistent = sum(comps.values())
+
+    accumulating = (settings.mini_batch_rows or settings.micro_batch_rows) > settings.micro_batch_rows
+    comps["gradients"] = (2 if accumulating else 1) * param_elems * p
+    comps["update_temporaries"] = int(_UPDATE_TEMP_TREES * param_elems * p)
+    # XLA hoists the fsdp all-gather of the stacked layer weights out of the layer scan (seen
+    # in the compiled HLO): every layer's weights, gathered over fsdp, in the compute dtype.
+    comps["fsdp_gathered_weights"] = gathered_elems * c if sizes["fsdp"] > 1 else 0
+    comps.update(activation_bytes(model_cfg, settings, sizes))
+    train = persistent + sum(comps[k] for k in (
+        "gradients", "update_temporaries", "fsdp_gathered_weights", "activations_saved",
+        "activations_live", "logprob_chunk_buffers"))
+
+    kv_bytes = _DTYPE_BYTES[settings.kv_dtype or settings.dtype]
+    rows = _rows_per_device(settings.sampling_rows, sampling_sizes)
+    kv_heads = _split(model_cfg.num_kv_heads, sampling_sizes["tensor"])
+    slots = settings.prompt_len + settings.response_len
+    comps["kv_cache"] = 2 * model_cfg.num_layers * rows * slots * kv_heads * model_cfg.head_dim * kv_bytes
+    comps["decode_logits"] = 3 * rows * _split(model_cfg.vocab_size, sampling_sizes["tensor"]) * 4
+    sample = persistent + comps["kv_cache"] + comps["decode_logits"]
+
+    peak = max(train, sample)
+    fits = peak <= hardware.usable_bytes
+    if settings.attention == "jnp" and comps["activations_live"] > 0.25 * hardware.usable_bytes:
+        notes.append("attention scores [b, H/tensor, S, S] float32 dominate: the trainer's jnp "
+                     "attention materialises them; a blocked (flash) kernel removes the S^2 term")
+    if model_cfg.num_kv_heads % sizes["tensor"]:
+        notes.append(f"{model_cfg.num_kv_heads} KV heads do not split over tensor={sizes['tensor']}: "
+                     "the KV cache is replicated over the tensor axis")
+    return Plan(hardware, sizes, comps, train, sample, peak, fits, advice=[], notes=notes)
