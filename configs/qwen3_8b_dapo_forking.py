@@ -4,7 +4,8 @@ The paper's recipe: lr 1e-6 after warm-up, 512 prompts × 16 responses per step,
 32 prompts (16 updates per step), clip 0.2 / 0.28, token-level loss, dynamic sampling, soft
 overlong punishment with L_max 20,480 and L_cache 4,096, T = 1.0, no KL; gradients only
 through the top-20% entropy tokens of the step's batch, normalised by all tokens.
-Sized for a TPU v5p-128 / 8×8 H100 class slice (FSDP over all chips).
+``dapo_forking`` sets FSDP over all chips; ``get_config`` below is sized for one 8×H100 host
+(mesh data 1 × fsdp 4 × tensor 2 = 8 devices, from ``jaxrl plan --hardware h100x8``).
 
     jaxrl train --config configs/qwen3_8b_dapo_forking.py
 """

@@ -1,4 +1,4 @@
-"""Same-budget ablation of the forking-token mask, and the held-out before/after report.
+"""Same-budget ablation of the forking-token mask.
 
     jaxrl ablate --config configs/default.py --arms full,top20,bottom80 --seeds 3
 
@@ -27,10 +27,22 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Any, Sequence
 
+import jax
+import matplotlib
 import numpy as np
+
+from jaxrl.config import load_config
+from jaxrl.data import synthetic
+from jaxrl.eval.evaluate import load_eval_records
+from jaxrl.eval.report import heldout_metrics, initial_policy
+from jaxrl.train.loop import train
+
+matplotlib.use("Agg")  # before pyplot: plots are written to files, never shown
+import matplotlib.pyplot as plt  # noqa: E402
 
 DEFAULT_ARMS = "full,top20,bottom80"
 _ARM_RE = re.compile(r"^(full|top|bottom)(\d{1,3})?$")
@@ -54,81 +66,15 @@ def write_fixed_heldout(cfg, path: str) -> str:
     """Writes the eval problems every arm and seed is measured on: the first
     ``eval.max_examples`` *distinct* problems of the heldout split's seed-0 stream (small
     difficulties repeat problems often, and a repeated problem would count twice)."""
-    from jaxrl.data import synthetic
-
     rows = synthetic.generate_problems(cfg.eval.max_examples, 0, "heldout", cfg.data.synthetic_difficulty,
                                        distinct=True)
     synthetic.write_jsonl(path, rows)
     return path
 
 
-def heldout_metrics(params, model_cfg, tokenizer, cfg, *, seed: int, records=None) -> dict[str, float]:
-    """Greedy accuracy, pass@k, avg@k and mean greedy response length on the eval split.
-
-    The response length counts the tokens of the decoded greedy completion (no <eos>).
-    """
-    import jax
-
-    from jaxrl.eval.evaluate import evaluate_records, load_eval_records
-
-    if records is None:
-        records = load_eval_records(cfg, tokenizer)
-    report = evaluate_records(params, model_cfg, tokenizer, records, cfg, key=jax.random.PRNGKey(10_000 + seed))
-    lengths = [len(tokenizer(p["greedy_completion"], add_special_tokens=False)["input_ids"]) for p in report["problems"]]
-    summary = report["summary"]
-    return {
-        "greedy_accuracy": summary["greedy_accuracy"],
-        "pass_at_k": summary["pass_at_k"],
-        "avg_at_k": summary["avg_at_k"],
-        "k": summary["k"],
-        "mean_response_length": float(np.mean(lengths)),
-        "num_problems": summary["num_problems"],
-    }
-
-
-def initial_policy(cfg):
-    """(params, model_cfg, tokenizer) of the config's starting checkpoint."""
-    from jaxrl.data.tokenizer import load_tokenizer
-    from jaxrl.models import from_pretrained, model_params
-
-    model, model_cfg = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
-    return model_params(model), model_cfg, tokenizer
-
-
-def format_before_after(before: dict, after: dict) -> str:
-    """A two-row table of held-out metrics before and after training."""
-    k = before["k"]
-    lines = [
-        f"held-out ({before['num_problems']} problems) | greedy acc | pass@{k} | mean response length",
-        f"before training           | {before['greedy_accuracy']:10.3f} | {before['pass_at_k']:6.3f} | "
-        f"{before['mean_response_length']:8.1f}",
-        f"after training            | {after['greedy_accuracy']:10.3f} | {after['pass_at_k']:6.3f} | "
-        f"{after['mean_response_length']:8.1f}",
-    ]
-    return "\n".join(lines)
-
-
-def heldout_before_after(cfg, params_after, *, seed: int | None = None) -> tuple[dict, dict, str]:
-    """Evaluates the config's starting checkpoint and ``params_after`` on the same held-out
-    problems with the same sampling key; returns (before, after, table text)."""
-    from jaxrl.eval.evaluate import load_eval_records
-
-    seed = cfg.run.seed if seed is None else seed
-    params_before, model_cfg, tokenizer = initial_policy(cfg)
-    records = load_eval_records(cfg, tokenizer)
-    before = heldout_metrics(params_before, model_cfg, tokenizer, cfg, seed=seed, records=records)
-    after = heldout_metrics(params_after, model_cfg, tokenizer, cfg, seed=seed, records=records)
-    return before, after, format_before_after(before, after)
-
-
 def run_arm(config_path: str, overrides: Sequence[str], arm: str, seed: int, out_dir: str, heldout_path: str,
             before_cache: dict) -> dict[str, Any]:
     """Trains one (arm, seed) from scratch in OUT/<arm>-seed<seed>; returns its measurements."""
-    from jaxrl.config import load_config
-    from jaxrl.eval.evaluate import load_eval_records
-    from jaxrl.train.loop import train
-
     cfg = load_config(config_path, list(overrides))
     token_mask, rho = arm_mask(arm)
     cfg.rl.loss.token_mask = token_mask
@@ -206,11 +152,6 @@ def format_summary(rows: list[dict], k: int) -> str:
 def plot_ablation(results: list[dict], rows: list[dict], path: str, k: int) -> str:
     """Bars (mean ± std, seeds as dots) of held-out greedy accuracy and pass@k, and the
     seed-averaged training reward per arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     arms = [row["arm"] for row in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, metric, title in ((axes[0], "greedy_accuracy", "held-out greedy accuracy"),
@@ -245,8 +186,6 @@ def plot_ablation(results: list[dict], rows: list[dict], path: str, k: int) -> s
 
 def _enable_compilation_cache(path: str) -> None:
     """Arms and seeds compile the same update functions; reuse them across runs."""
-    import jax
-
     if not getattr(jax.config, "jax_compilation_cache_dir", None):
         path = os.path.abspath(path)
         os.makedirs(path, exist_ok=True)
@@ -264,10 +203,6 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs every arm × seed, prints the tables, writes OUT/ablation.json and OUT/ablation.png."""
-    import sys
-
-    from jaxrl.config import load_config
-
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     for arm in arms:

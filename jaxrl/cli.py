@@ -21,6 +21,24 @@ import os
 import sys
 from typing import Sequence
 
+import jax
+import numpy as np
+
+from jaxrl import wiring
+from jaxrl.config import ConfigError, config_from_json, load_config, validate
+from jaxrl.data.tokenizer import decode_completion, encode_prompt, load_tokenizer
+from jaxrl.eval.evaluate import evaluate_records, load_eval_records
+from jaxrl.eval.report import heldout_before_after
+from jaxrl.models import from_pretrained, model_params, save_pretrained, with_params
+from jaxrl.sampling.backend import make_backend
+from jaxrl.sampling.engine import SamplingConfig
+from jaxrl.sharding.mesh import maybe_initialize_distributed
+from jaxrl.sharding.transfer import host_array
+from jaxrl.train import step as train_step
+from jaxrl.train.checkpoint import Checkpointer
+from jaxrl.train.loop import TrainingDiverged, train
+from jaxrl.train.metrics import plot_run
+
 USER_ERROR = 2
 DIVERGED = 3
 DEFAULT_CONFIG = "configs/default.py"
@@ -30,20 +48,7 @@ class UserError(Exception):
     """An error in what the user asked for; printed as one line."""
 
 
-def _load_config(path: str, overrides: Sequence[str]):
-    from jaxrl.config import load_config
-
-    return load_config(path, list(overrides))
-
-
-def cmd_train(args, overrides) -> int:
-    import jax
-
-    from jaxrl.config import validate
-    from jaxrl.sharding.mesh import maybe_initialize_distributed
-    from jaxrl.train.loop import train
-
-    cfg = _load_config(args.config, overrides)
+def _start_distributed(cfg) -> None:
     dist = cfg.distributed
     if dist.coordinator_address and (dist.num_processes < 1 or dist.process_id < 0):
         raise UserError("distributed.coordinator_address is set: set distributed.num_processes "
@@ -52,54 +57,51 @@ def cmd_train(args, overrides) -> int:
         {"coordinator_address": dist.coordinator_address, "num_processes": dist.num_processes,
          "process_id": dist.process_id} if dist.coordinator_address else None
     )
+
+
+def cmd_train(args, overrides) -> int:
+    cfg = load_config(args.config, list(overrides))
+    _start_distributed(cfg)
     if args.resume is not None:
         cfg.checkpoint.resume = "on" if args.resume else "off"
     validate(cfg, num_devices=jax.device_count())
     result = train(cfg)
     print(f"{result.stop_reason}: step {int(result.state.step)}, run dir {result.run_dir}")
-    if result.stop_reason == "completed" and jax.process_index() == 0:
-        from jaxrl.ablate import heldout_before_after
-        from jaxrl.train.metrics import plot_run
-
-        print(heldout_before_after(cfg, result.state.params)[2])
-        for path in plot_run(result.run_dir):
-            print(path)
+    if result.stop_reason == "completed":
+        with jax.set_mesh(mesh := wiring.mesh_of(cfg)):
+            table = heldout_before_after(cfg, result.state.params, mesh=mesh)[2]
+        if jax.process_index() == 0:
+            print(table)
+            for path in plot_run(result.run_dir):
+                print(path)
     return 0
 
 
 def cmd_eval(args, overrides) -> int:
-    import jax
-
-    from jaxrl.data.tokenizer import load_tokenizer
-    from jaxrl.eval.evaluate import evaluate_records, load_eval_records
-    from jaxrl.models import from_pretrained, model_params
-
-    cfg = _load_config(args.config, overrides)
+    cfg = load_config(args.config, list(overrides))
+    _start_distributed(cfg)
     model_dir = args.model or cfg.model.path
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UserError(f"--model: no HF model (config.json) in {model_dir}")
-    model, model_cfg = from_pretrained(model_dir, dtype=cfg.model.dtype)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir)
-    records = load_eval_records(cfg, tokenizer)
-    report = evaluate_records(model_params(model), model_cfg, tokenizer, records, cfg,
-                              key=jax.random.PRNGKey(cfg.run.seed))
+    mesh = wiring.mesh_of(cfg)
+    with jax.set_mesh(mesh):
+        policy = wiring.load_policy(cfg, mesh, model_dir=model_dir)
+        records = load_eval_records(cfg, policy.tokenizer)
+        report = evaluate_records(model_params(policy.model), policy.model_cfg, policy.tokenizer, records, cfg,
+                                  key=jax.random.PRNGKey(cfg.run.seed), mesh=mesh)
     report["model"] = os.path.abspath(model_dir)
     out = args.out or os.path.join(cfg.run.root, cfg.run.name, "eval", "eval.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as handle:
-        json.dump(report, handle, indent=2)
-    print(json.dumps(report["summary"], indent=2))
-    print(f"report: {out}")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(json.dumps(report["summary"], indent=2))
+        print(f"report: {out}")
     return 0
 
 
 def export_run(run_dir: str, out_dir: str, step: int | None = None) -> int:
     """Writes the policy of checkpoint ``step`` (default newest) of ``run_dir`` as an HF dir."""
-    from jaxrl.config import config_from_json
-    from jaxrl.models import from_pretrained, model_params, save_pretrained, with_params
-    from jaxrl.train import step as train_step
-    from jaxrl.train.checkpoint import Checkpointer
-
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
@@ -134,8 +136,6 @@ def cmd_export(args, overrides) -> int:
 
 
 def cmd_plot(args, overrides) -> int:
-    from jaxrl.train.metrics import plot_run
-
     if overrides:
         raise UserError(f"plot takes no config overrides, got {overrides}")
     for path in plot_run(args.run_dir):
@@ -144,23 +144,19 @@ def cmd_plot(args, overrides) -> int:
 
 
 def cmd_sample(args, overrides) -> int:
-    import jax
-
-    from jaxrl.data.tokenizer import decode_completion, encode_prompt, load_tokenizer
-    from jaxrl.models import from_pretrained
-    from jaxrl.sampling.engine import SamplingConfig, generate
-
     if overrides:
         raise UserError(f"sample takes no config overrides, got {overrides}")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UserError(f"--model: no HF model (config.json) in {args.model}")
-    model, _ = from_pretrained(args.model)
+    model, model_cfg = from_pretrained(args.model)
     tokenizer = load_tokenizer(args.model)
     ids = encode_prompt(tokenizer, args.prompt, use_chat_template=not args.no_chat_template)
     cfg = SamplingConfig(max_prompt_tokens=max(len(ids), 1), max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p)
-    rollout = generate(model, [ids], args.n, cfg, jax.random.PRNGKey(args.seed))
-    tokens, lengths = jax.device_get((rollout.tokens, rollout.lengths))
+    backend = make_backend("static", model_cfg, cfg, None)
+    rollout = backend.generate(model_params(model), np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32),
+                               args.n, jax.random.PRNGKey(args.seed))
+    tokens, lengths = host_array(rollout.tokens), host_array(rollout.lengths)
     for i in range(args.n):
         print(f"--- sample {i} ({int(lengths[i])} tokens)")
         print(decode_completion(tokenizer, tokens[i, : lengths[i]]))
@@ -168,7 +164,7 @@ def cmd_sample(args, overrides) -> int:
 
 
 # Subcommands whose own main(argv) parses their arguments: name -> (module, help).
-DELEGATED = {"plan": ("jaxrl.sharding.planner", "memory planner"),
+DELEGATED = {"plan": ("jaxrl.plan", "memory planner"),
              "ablate": ("jaxrl.ablate", "ablation runner")}
 
 
@@ -241,9 +237,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         # Anything argparse does not know is a config override; parse_overrides rejects the rest.
         args, overrides = build_parser().parse_known_args(argv)
-    from jaxrl.config import ConfigError
-    from jaxrl.train.loop import TrainingDiverged
-
     try:
         return args.func(args, overrides)
     except (ConfigError, UserError, FileNotFoundError) as error:

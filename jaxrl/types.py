@@ -1,4 +1,4 @@
-"""Typed data passed between the stages of one RL step (see DESIGN.md).
+"""Typed data passed between the stages of one RL step (docs/design.md).
 
 All arrays are pytrees (``flax.struct.dataclass``) so they cross ``jit`` boundaries.
 Shapes: B = rows (prompts x samples), P = padded prompt length, T = padded response length.
@@ -6,6 +6,7 @@ Shapes: B = rows (prompts x samples), P = padded prompt length, T = padded respo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import jax
@@ -48,17 +49,23 @@ class Rollout:
         return jax.numpy.arange(t)[None, :] < self.lengths[:, None]
 
 
-@struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class Scored:
-    """A rollout with host-side rewards.
+    """A rollout (rows on device) with its host-side scores (host numpy, one value per row).
 
-    rewards: float32 [B], total (weighted) reward per row.
-    components: name -> float32 [B], each rewarder's own score (for logging).
+    rewards: float32 [B], total (weighted) reward. correct: float32 [B], 1 where the
+    correctness rewarder scored >= ``rewards.correct_threshold``. components: name -> float32
+    [B], each rewarder's own score. lengths, finish_reason, group_ids: host copies of the
+    rollout's per-row ints (all the host needs besides the completion text).
     """
 
     rollout: Rollout
     rewards: np.ndarray
-    components: Mapping[str, np.ndarray] = struct.field(pytree_node=False, default_factory=dict)
+    correct: np.ndarray
+    components: Mapping[str, np.ndarray]
+    lengths: np.ndarray
+    finish_reason: np.ndarray
+    group_ids: np.ndarray
 
 
 @struct.dataclass
@@ -90,8 +97,9 @@ class TrainBatch:
     ref_logp: jax.Array | None = None
 
 
-@struct.dataclass
+@dataclasses.dataclass
 class StepMetrics:
-    """Scalars logged once per RL step (host floats after ``jax.device_get``)."""
+    """Scalars logged once per RL step (host floats), keyed by metric name."""
 
-    values: Mapping[str, float] = struct.field(pytree_node=False, default_factory=dict)
+    step: int
+    values: dict[str, float] = dataclasses.field(default_factory=dict)

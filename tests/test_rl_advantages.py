@@ -123,7 +123,7 @@ def test_negative_sample_family_hand_worked():
 def test_dispatch_and_errors():
     rewards = np.array([1.0, 0.0, 1.0, 1.0], np.float32)
     gids = np.array([0, 0, 1, 1])
-    for name in adv.ESTIMATORS:
+    for name in adv.estimator_names():
         out = adv.compute_advantages(name, rewards, gids)
         assert out.shape == (4,) and out.dtype == np.float32
     np.testing.assert_allclose(

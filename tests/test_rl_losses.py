@@ -16,7 +16,7 @@ loss_fn = jax.jit(policy_loss, static_argnums=4)
 
 
 def np_reference(logp, old, adv, mask, cfg, ref=None, entropy=None, select=None):
-    """Row-by-row float64 reference of ALGORITHMS.md → (loss, pg_loss)."""
+    """Row-by-row float64 reference of docs/algorithms.md → (loss, pg_loss)."""
     logp, old = logp.astype(np.float64), old.astype(np.float64)
     b, t = logp.shape
     valid = mask > 0
@@ -119,7 +119,7 @@ def test_ppo_hand_worked():
     logp = np.log(np.array([[1.5, 0.5, 5.0, 1.1]], np.float32))
     adv = np.array([[1.0, -1.0, -1.0, 2.0]], np.float32)
     mask = np.ones_like(logp)
-    cfg = LossConfig(dual_clip_c=3.0)
+    cfg = LossConfig(clip_eps_high=0.28, dual_clip_c=3.0)  # DAPO clip-higher
     # token 0: A>0, r=1.5 → clipped at 1.28 → −1.28         (high clip)
     # token 1: A<0, r=0.5 → max(0.5, 0.8) = 0.8             (low clip)
     # token 2: A<0, r=5.0 → max(5, 1.28)=5 → min(5, 3) = 3  (dual clip)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrl.train import loop
+from jaxrl.train import loop, rollouts
 from jaxrl.train.checkpoint import Checkpointer
 from tests.test_train_loop import comparable, tiny_config, tiny_model_dir  # noqa: F401  (fixture)
 
@@ -59,15 +59,15 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_model_dir, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, tmp_path, monkeypatch):
-    real_advantages = loop._advantages
+    real_advantages = rollouts.group_advantages
     calls = {"n": 0}
 
-    def poisoned_after_two_steps(cfg, rewards, group_ids, num_groups):
+    def poisoned_after_two_steps(adv_cfg, rewards, group_ids, num_groups):
         calls["n"] += 1
-        adv = real_advantages(cfg, rewards, group_ids, num_groups)
+        adv = real_advantages(adv_cfg, rewards, group_ids, num_groups)
         return adv * np.nan if calls["n"] > 2 else adv
 
-    monkeypatch.setattr(loop, "_advantages", poisoned_after_two_steps)
+    monkeypatch.setattr(rollouts, "group_advantages", poisoned_after_two_steps)
     cfg = tiny_config(tiny_model_dir, str(tmp_path), "grpo", name="nan", train__num_steps=10,
                       train__max_bad_steps=2, checkpoint__every_steps=1)
     with pytest.raises(loop.TrainingDiverged, match="2 consecutive steps"):

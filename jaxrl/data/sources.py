@@ -32,6 +32,9 @@ import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
+import grain
+import pyarrow.parquet as pq
+
 from jaxrl.data.tokenizer import build_prompt_text
 
 OVERLONG_MODES = ("skip", "truncate")
@@ -107,8 +110,6 @@ def _file_format(path: str) -> str | None:
 def _read_rows(path: str, required_columns: Sequence[str]) -> Iterator[tuple[int, Any, str | None]]:
     """Yields ``(line_number, row, parse_error)`` for every row of one file."""
     if _file_format(path) == "parquet":
-        import pyarrow.parquet as pq
-
         table = pq.read_table(path)
         missing = [column for column in required_columns if column not in table.column_names]
         if missing:
@@ -271,8 +272,6 @@ class PromptIterator:
     """Iterates batches (lists of prompt records) with a resumable, JSON-serialisable state."""
 
     def __init__(self, dataset, stats: SourceStats, fingerprint: str):
-        import grain
-
         self._iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         self._iterator = iter(self._iter_dataset)
         self.stats = stats
@@ -358,8 +357,6 @@ def make_prompt_iterator(
     stats.rows_in_shard = len(shard)
     if not shard:
         raise ValueError(f"{len(records)} usable prompts cannot fill {shard_count} shards")
-
-    import grain
 
     dataset = grain.MapDataset.source(shard)
     if shuffle:

@@ -17,6 +17,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxrl import wiring
+from jaxrl.data.batching import left_pad_prompts
+from jaxrl.data.sources import load_prompt_records, resolve_files
+from jaxrl.data.tokenizer import decode_completion
+from jaxrl.rewards.base import RewardExecutor
+from jaxrl.sharding.transfer import host_array
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k for n samples with c correct: 1 − C(n−c, k) / C(n, k)."""
@@ -36,68 +43,46 @@ def pass_k_values(k: int) -> list[int]:
 
 def load_eval_records(cfg: ml_collections.ConfigDict, tokenizer) -> list[dict]:
     """The first ``eval.max_examples`` prompt records of the eval split (validated, tokenised)."""
-    from jaxrl.data.sources import load_prompt_records, resolve_files
-    from jaxrl.train.loop import data_files, prompt_options
-
-    records, _ = load_prompt_records(resolve_files(data_files(cfg, "eval")), tokenizer, **prompt_options(cfg))
+    records, _ = load_prompt_records(resolve_files(wiring.data_files(cfg, "eval")), tokenizer,
+                                     **wiring.prompt_options(cfg))
     if not records:
         raise ValueError("the eval split has no usable prompts")
     return records[: cfg.eval.max_examples]
 
 
-def _generate(params, model_cfg, records, n, sampling_cfg, key, pad_id, batch_prompts, temperature, top_p):
-    """Completions (token lists) [len(records) * n] in record order, batch by batch."""
-    from jaxrl.sampling.engine import generate_from_params
-    from jaxrl.sharding.transfer import host_array
-    from jaxrl.train.loop import left_pad_prompts
-
-    outputs = []
-    for start in range(0, len(records), batch_prompts):
-        chunk = records[start : start + batch_prompts]
-        real = len(chunk)
-        chunk = chunk + [chunk[0]] * (batch_prompts - real)  # static shape: no recompile on the tail
-        tokens, lengths = left_pad_prompts(chunk, sampling_cfg.max_prompt_tokens, pad_id)
-        rollout = generate_from_params(
-            params, model_cfg, tokens, lengths, n, sampling_cfg, jax.random.fold_in(key, start),
-            temperature=temperature, top_p=top_p,
-        )
-        out_tokens, out_lengths = host_array(rollout.tokens), host_array(rollout.lengths)
-        for row in range(real * n):
-            outputs.append((out_tokens[row, : out_lengths[row]].tolist(), int(out_lengths[row])))
-    return outputs
+def _generate(params, model_cfg, records, n: int, cfg, key, mesh, temperature: float, top_p: float):
+    """Completions (token lists, lengths) [len(records) * n] in record order, decoded
+    ``eval.batch_prompts`` prompts at a time."""
+    backend = wiring.rollout_backend(cfg, model_cfg, mesh, max_rows_per_call=cfg.eval.batch_prompts * n)
+    tokens, lengths = left_pad_prompts(records, cfg.data.max_prompt_tokens, backend.pad_id)
+    rollout = backend.generate(params, tokens, lengths, n, key, temperature=temperature, top_p=top_p)
+    out_tokens, out_lengths = host_array(rollout.tokens), host_array(rollout.lengths)
+    return [(out_tokens[row, : out_lengths[row]].tolist(), int(out_lengths[row])) for row in range(len(out_lengths))]
 
 
 def evaluate_records(params, model_cfg, tokenizer, records: Sequence[dict], cfg: ml_collections.ConfigDict, *,
-                     key: jax.Array, rewards=None) -> dict[str, Any]:
+                     key: jax.Array, rewards: RewardExecutor | None = None, mesh=None) -> dict[str, Any]:
     """Greedy accuracy, avg@k, pass@j of ``params`` on ``records`` → JSON-ready report.
 
     rewards: a RewardExecutor (default: one built from ``cfg.rewards``); its "correct"
-    component decides correctness. Report: {"summary": {...}, "problems": [...]}.
+    component decides correctness. mesh: where the rollouts run (None = default device).
+    Report: {"summary": {...}, "problems": [...]}.
     """
-    from jaxrl.data.tokenizer import decode_completion
-    from jaxrl.rewards.base import RewardExecutor
-    from jaxrl.train.loop import CORRECT_COMPONENT, make_rewarders, sampling_config
-
     own_executor = rewards is None
     if own_executor:
-        rewards = RewardExecutor(make_rewarders(cfg), num_workers=cfg.rewards.num_workers,
-                                 timeout_s=cfg.rewards.timeout_s, failure_reward=cfg.rewards.failure_reward)
+        rewards = wiring.reward_executor(cfg)
     k = cfg.eval.num_samples
-    sampling_cfg = sampling_config(cfg)
-    pad_id = sampling_cfg.resolved_pad_id(model_cfg)
     greedy_key, sample_key = jax.random.split(key)
-    batch = cfg.eval.batch_prompts
     try:
-        greedy = _generate(params, model_cfg, records, 1, sampling_cfg, greedy_key, pad_id, batch, 0.0, 1.0)
-        sampled = _generate(params, model_cfg, records, k, sampling_cfg, sample_key, pad_id, batch,
-                            cfg.eval.temperature, cfg.eval.top_p)
+        greedy = _generate(params, model_cfg, records, 1, cfg, greedy_key, mesh, 0.0, 1.0)
+        sampled = _generate(params, model_cfg, records, k, cfg, sample_key, mesh, cfg.eval.temperature, cfg.eval.top_p)
 
         def correctness(outputs, per_problem):
             rows = [records[i // per_problem] for i in range(len(outputs))]
             texts = [decode_completion(tokenizer, ids) for ids, _ in outputs]
             examples = [{**r["example"], "completion_tokens": length} for r, (_, length) in zip(rows, outputs)]
             _, components, _ = rewards.score([r["prompt_text"] for r in rows], texts, examples)
-            correct = components[CORRECT_COMPONENT] >= cfg.rewards.correct_threshold
+            correct = components[wiring.CORRECT_COMPONENT] >= cfg.rewards.correct_threshold
             return correct.reshape(len(records), per_problem), texts
 
         greedy_correct, greedy_texts = correctness(greedy, 1)

@@ -7,7 +7,6 @@ import dataclasses
 import json
 from typing import Any, Sequence
 
-import ml_collections
 
 from jaxrl import config as config_lib
 from jaxrl.models.config import ModelConfig
@@ -36,18 +35,6 @@ def settings_from_config(cfg) -> tuple[ModelConfig, PlanSettings]:
     return model, settings
 
 
-def _load_config(path: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """The experiment file + ``--config.`` overrides, validated like ``jaxrl.config.load_config``
-    except for its file checks: a plan needs neither the weights nor the data on this machine."""
-    cfg = config_lib._import_config_file(path)
-    config_lib._check_against_base(cfg, config_lib.base_config(), "")
-    cfg.lock()
-    for key, text in config_lib.parse_overrides(overrides):
-        config_lib.apply_override(cfg, key, text)
-    config_lib.validate(cfg, check_files=False)
-    return cfg
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``jaxrl plan --config FILE [--config.KEY=VALUE ...] | --model NAME_OR_PATH --hardware v5p-128 [...]``."""
     parser = argparse.ArgumentParser(prog="jaxrl plan", description=DESCRIPTION)
@@ -72,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
 
     if args.config:
-        model, settings = settings_from_config(_load_config(args.config, overrides))
+        model, settings = settings_from_config(config_lib.load_config(args.config, list(overrides), check_files=False))
     else:
         model, settings = None, PlanSettings()
     if args.model:

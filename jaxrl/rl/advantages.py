@@ -1,4 +1,4 @@
-"""Group-relative advantage estimators (ALGORITHMS.md, "Advantages").
+"""Group-relative advantage estimators (docs/algorithms.md, "Advantage estimators").
 
 Every function maps per-row scalar rewards float [B] (and, where a baseline is used, the
 group id of each row, int [B]) to one float32 advantage per row [B]. They are pure and
@@ -10,11 +10,70 @@ enough when ids are prompt indices within the batch. Empty group ids are allowed
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 GRPO_SCALES = ("group", "batch", "none")
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "nsr", "psr", "w_reinforce")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+    """Settings every registered estimator receives (config keys in parentheses).
+
+    estimator: registered name (``rl.estimator``). grpo_scale: "group" | "batch" | "none"
+    (``rl.grpo_scale``). eps: added to the GRPO std. positive_weight: W-REINFORCE λ
+    (``rl.positive_weight``). correct_threshold: a reward ≥ this is correct, for the
+    sign-based estimators (``rewards.correct_threshold``).
+    """
+
+    estimator: str = "grpo"
+    grpo_scale: str = "group"
+    eps: float = 1e-6
+    positive_weight: float = 0.1
+    correct_threshold: float = 0.5
+
+
+EstimatorFn = Callable[[jax.Array, jax.Array, "int | None", AdvantageConfig], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """A registered estimator: ``fn(rewards [B], group_ids [B], num_groups, cfg) -> [B]``;
+    ``needs_groups``: it compares rows within a group, so groups need ≥ 2 samples."""
+
+    fn: EstimatorFn
+    needs_groups: bool
+
+
+_ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str, *, needs_groups: bool) -> Callable[[EstimatorFn], EstimatorFn]:
+    """Decorator: registers ``fn(rewards, group_ids, num_groups, cfg: AdvantageConfig) ->
+    float32 [B]`` as ``rl.estimator = name``."""
+
+    def register(fn: EstimatorFn) -> EstimatorFn:
+        if name in _ESTIMATORS and _ESTIMATORS[name].fn is not fn:
+            raise ValueError(f"an advantage estimator named {name!r} is already registered")
+        _ESTIMATORS[name] = Estimator(fn, needs_groups)
+        return fn
+
+    return register
+
+
+def estimator_names() -> tuple[str, ...]:
+    """Names of the registered estimators (valid ``rl.estimator`` values)."""
+    return tuple(_ESTIMATORS)
+
+
+def get_estimator(name: str) -> Estimator:
+    """The registered estimator ``name``; ValueError naming the registered ones otherwise."""
+    if name not in _ESTIMATORS:
+        raise ValueError(f"estimator must be one of {list(_ESTIMATORS)}, got {name!r}")
+    return _ESTIMATORS[name]
 
 
 def _group_sums(values: jax.Array, group_ids: jax.Array, num_groups: int) -> jax.Array:
@@ -122,19 +181,38 @@ def compute_advantages(
     positive_weight: float = 0.1,
     correct_threshold: float = 0.5,
 ) -> jax.Array:
-    """Dispatch on ``estimator`` (one of ESTIMATORS) → float32 advantages [B]."""
-    if estimator == "grpo":
-        return grpo_advantages(rewards, group_ids, num_groups=num_groups, scale=grpo_scale, eps=eps)
-    if estimator == "dr_grpo":
-        return dr_grpo_advantages(rewards, group_ids, num_groups=num_groups)
-    if estimator == "rloo":
-        return rloo_advantages(rewards, group_ids, num_groups=num_groups)
-    if estimator == "nsr":
-        return nsr_advantages(rewards, correct_threshold=correct_threshold)
-    if estimator == "psr":
-        return psr_advantages(rewards, correct_threshold=correct_threshold)
-    if estimator == "w_reinforce":
-        return w_reinforce_advantages(
-            rewards, positive_weight=positive_weight, correct_threshold=correct_threshold
-        )
-    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    """The registered ``estimator`` applied to rewards float [B] → float32 advantages [B]."""
+    cfg = AdvantageConfig(estimator=estimator, grpo_scale=grpo_scale, eps=eps,
+                          positive_weight=positive_weight, correct_threshold=correct_threshold)
+    return get_estimator(estimator).fn(rewards, group_ids, num_groups, cfg)
+
+
+@register_estimator("grpo", needs_groups=True)
+def _grpo(rewards, group_ids, num_groups, cfg: AdvantageConfig):
+    return grpo_advantages(rewards, group_ids, num_groups=num_groups, scale=cfg.grpo_scale, eps=cfg.eps)
+
+
+@register_estimator("dr_grpo", needs_groups=True)
+def _dr_grpo(rewards, group_ids, num_groups, cfg: AdvantageConfig):
+    return dr_grpo_advantages(rewards, group_ids, num_groups=num_groups)
+
+
+@register_estimator("rloo", needs_groups=True)
+def _rloo(rewards, group_ids, num_groups, cfg: AdvantageConfig):
+    return rloo_advantages(rewards, group_ids, num_groups=num_groups)
+
+
+@register_estimator("nsr", needs_groups=False)
+def _nsr(rewards, group_ids, num_groups, cfg: AdvantageConfig):
+    return nsr_advantages(rewards, correct_threshold=cfg.correct_threshold)
+
+
+@register_estimator("psr", needs_groups=False)
+def _psr(rewards, group_ids, num_groups, cfg: AdvantageConfig):
+    return psr_advantages(rewards, correct_threshold=cfg.correct_threshold)
+
+
+@register_estimator("w_reinforce", needs_groups=False)
+def _w_reinforce(rewards, group_ids, num_groups, cfg: AdvantageConfig):
+    return w_reinforce_advantages(rewards, positive_weight=cfg.positive_weight,
+                                  correct_threshold=cfg.correct_threshold)

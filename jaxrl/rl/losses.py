@@ -1,4 +1,4 @@
-"""Policy-gradient losses: PPO-clip (asymmetric + dual-clip), GSPO, CISPO (ALGORITHMS.md).
+"""Policy-gradient losses: PPO-clip (asymmetric + dual-clip), GSPO, CISPO (docs/algorithms.md).
 
 ``policy_loss`` is pure and jittable with ``cfg`` static. Shapes: B rows, T response
 positions; every per-token input is [B, T] and ``mask`` marks the valid response tokens.
@@ -32,19 +32,75 @@ the "minibatch" scope, or "batch" scope when the loss sees the whole step batch)
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxrl.rl.token_masks import forking_token_mask
 
-LOSS_TYPES = ("ppo", "gspo", "gspo_token", "cispo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3")
 TOKEN_MASKS = ("all", "top", "bottom")
 MASK_SCOPES = ("batch", "minibatch")
 MASK_NORMALIZERS = ("all_tokens", "selected_tokens")
 ENTROPY_SOURCES = ("train", "rollout")
+
+
+@struct.dataclass
+class LossInputs:
+    """What a registered per-token loss sees (every array float32/bool [B, T]).
+
+    logp: current-policy log-probs (differentiated). old_logp: sampling-policy log-probs
+    (no gradient). advantages: broadcast to [B, T] (no gradient). valid: response tokens.
+    log_ratio: logp − old_logp, 0 off ``valid``, clamped to ±``cfg.log_ratio_clamp``.
+    """
+
+    logp: jax.Array
+    old_logp: jax.Array
+    advantages: jax.Array
+    valid: jax.Array
+    log_ratio: jax.Array
+
+
+@struct.dataclass
+class TokenLoss:
+    """What a registered per-token loss returns (every array [B, T]).
+
+    loss: float32 per-token loss before masking and aggregation. ratio: the importance
+    ratio the loss used (metrics only). clip_low / clip_high / clip_dual: bool, where each
+    clip binds (for the clip-fraction metrics; all False when the loss has no such clip).
+    """
+
+    loss: jax.Array
+    ratio: jax.Array
+    clip_low: jax.Array
+    clip_high: jax.Array
+    clip_dual: jax.Array
+
+
+TokenLossFn = Callable[[LossInputs, "LossConfig"], TokenLoss]
+_LOSSES: dict[str, TokenLossFn] = {}
+
+
+def register_loss(name: str) -> Callable[[TokenLossFn], TokenLossFn]:
+    """Decorator: registers ``fn(inputs: LossInputs, cfg: LossConfig) -> TokenLoss`` as
+    ``rl.loss.loss_type = name``. Aggregation, KL, entropy bonus and the forking-token mask
+    are applied around it by ``policy_loss`` (docs/algorithms.md, "Policy losses")."""
+
+    def register(fn: TokenLossFn) -> TokenLossFn:
+        if name in _LOSSES and _LOSSES[name] is not fn:
+            raise ValueError(f"a policy loss named {name!r} is already registered")
+        _LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def loss_names() -> tuple[str, ...]:
+    """Names of the registered policy losses (valid ``rl.loss.loss_type`` values)."""
+    return tuple(_LOSSES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +132,7 @@ class LossConfig:
 
     loss_type: str = "ppo"
     clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.28
+    clip_eps_high: float = 0.2
     dual_clip_c: float | None = None
     log_ratio_clamp: float = 20.0
     gspo_eps_low: float = 3e-4
@@ -98,7 +154,7 @@ class LossConfig:
 
     def __post_init__(self):
         choices = {
-            "loss_type": LOSS_TYPES,
+            "loss_type": loss_names(),
             "aggregation": AGGREGATIONS,
             "kl_type": KL_TYPES,
             "token_mask": TOKEN_MASKS,
@@ -218,18 +274,21 @@ def aggregate(
     return _safe_div(jnp.sum(row_sums), num_sequences)
 
 
-def _clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip_c):
-    """PPO-clip per-token loss and the boolean masks of where each clip binds."""
+def clipped_surrogate(ratio: jax.Array, adv: jax.Array, eps_low: float, eps_high: float,
+                      dual_clip_c: float | None) -> TokenLoss:
+    """PPO-clip per-token loss max(−r·Â, −clip(r, 1−ε_low, 1+ε_high)·Â) (dual-clip for Â < 0:
+    min(·, −c·Â)) and where each clip binds; ratio, adv float [B, T]."""
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     loss = jnp.maximum(unclipped, clipped)
     clip_low = (ratio < 1.0 - eps_low) & (adv < 0)
     clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
     if dual_clip_c is None:
-        return loss, clip_low, clip_high, jnp.zeros_like(clip_low)
+        return TokenLoss(loss, ratio, clip_low, clip_high, jnp.zeros_like(clip_low))
     dual_bound = -adv * dual_clip_c
     clip_dual = (adv < 0) & (loss > dual_bound)
-    return jnp.where(adv < 0, jnp.minimum(loss, dual_bound), loss), clip_low, clip_high, clip_dual
+    loss = jnp.where(adv < 0, jnp.minimum(loss, dual_bound), loss)
+    return TokenLoss(loss, ratio, clip_low, clip_high, clip_dual)
 
 
 def policy_loss(
@@ -291,28 +350,10 @@ def policy_loss(
     # Padding may hold arbitrary log-probs; zero the log-ratio there before exp.
     token_log_ratio = jnp.where(valid, logp - old_logp, 0.0)
     token_log_ratio = jnp.clip(token_log_ratio, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
-    if cfg.loss_type in ("gspo", "gspo_token"):
-        seq_log_ratio = _safe_div(jnp.sum(token_log_ratio * weights, axis=-1), jnp.sum(weights, axis=-1))
-        seq_log_ratio = jnp.clip(seq_log_ratio, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)[:, None]
-        if cfg.loss_type == "gspo":
-            log_ratio = jnp.broadcast_to(seq_log_ratio, logp.shape)
-        else:
-            log_ratio = jax.lax.stop_gradient(seq_log_ratio) + logp - jax.lax.stop_gradient(logp)
-        ratio = jnp.exp(log_ratio)
-        pg, clip_low, clip_high, clip_dual = _clipped_surrogate(
-            ratio, adv, cfg.gspo_eps_low, cfg.gspo_eps_high, cfg.dual_clip_c
-        )
-    elif cfg.loss_type == "ppo":
-        ratio = jnp.exp(token_log_ratio)
-        pg, clip_low, clip_high, clip_dual = _clipped_surrogate(
-            ratio, adv, cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c
-        )
-    else:  # cispo
-        ratio = jnp.exp(token_log_ratio)
-        is_weight = jax.lax.stop_gradient(jnp.minimum(ratio, cfg.cispo_eps_max))
-        pg = -is_weight * adv * logp
-        clip_high = ratio > cfg.cispo_eps_max
-        clip_low = clip_dual = jnp.zeros_like(clip_high)
+    inputs = LossInputs(logp=logp, old_logp=old_logp, advantages=adv, valid=valid, log_ratio=token_log_ratio)
+    token_loss = _LOSSES[cfg.loss_type](inputs, cfg)
+    pg, ratio = token_loss.loss, token_loss.ratio
+    clip_low, clip_high, clip_dual = token_loss.clip_low, token_loss.clip_high, token_loss.clip_dual
 
     pg_count = weights if cfg.mask_normalizer == "all_tokens" else select_weights
     pg_total = num_tokens if cfg.mask_normalizer == "all_tokens" else num_selected_tokens
@@ -362,3 +403,44 @@ def policy_loss(
     )
     metrics = {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()}
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------- registered losses
+@register_loss("ppo")
+def ppo_token_loss(inputs: LossInputs, cfg: LossConfig) -> TokenLoss:
+    """PPO-clip on the token ratio r = exp(log_ratio), clip range [1 − ε_low, 1 + ε_high]."""
+    ratio = jnp.exp(inputs.log_ratio)
+    return clipped_surrogate(ratio, inputs.advantages, cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c)
+
+
+def _gspo_log_ratio(inputs: LossInputs, cfg: LossConfig) -> jax.Array:
+    """Sequence log-ratio mean_t(log r), clamped, [B, 1]."""
+    weights = inputs.valid.astype(jnp.float32)
+    seq = _safe_div(jnp.sum(inputs.log_ratio * weights, axis=-1), jnp.sum(weights, axis=-1))
+    return jnp.clip(seq, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)[:, None]
+
+
+@register_loss("gspo")
+def gspo_token_loss(inputs: LossInputs, cfg: LossConfig) -> TokenLoss:
+    """GSPO: every token carries the clipped sequence ratio s = exp(mean_t log r)."""
+    ratio = jnp.exp(jnp.broadcast_to(_gspo_log_ratio(inputs, cfg), inputs.logp.shape))
+    return clipped_surrogate(ratio, inputs.advantages, cfg.gspo_eps_low, cfg.gspo_eps_high, cfg.dual_clip_c)
+
+
+@register_loss("gspo_token")
+def gspo_token_variant_loss(inputs: LossInputs, cfg: LossConfig) -> TokenLoss:
+    """GSPO-token: value of the sequence ratio, gradient of each token's own log-prob."""
+    sg = jax.lax.stop_gradient
+    ratio = jnp.exp(sg(_gspo_log_ratio(inputs, cfg)) + inputs.logp - sg(inputs.logp))
+    return clipped_surrogate(ratio, inputs.advantages, cfg.gspo_eps_low, cfg.gspo_eps_high, cfg.dual_clip_c)
+
+
+@register_loss("cispo")
+def cispo_token_loss(inputs: LossInputs, cfg: LossConfig) -> TokenLoss:
+    """CISPO: −sg(min(r, ε_max))·Â·logp; gradients reach every token."""
+    ratio = jnp.exp(inputs.log_ratio)
+    is_weight = jax.lax.stop_gradient(jnp.minimum(ratio, cfg.cispo_eps_max))
+    clip_high = ratio > cfg.cispo_eps_max
+    none = jnp.zeros_like(clip_high)
+    return TokenLoss(loss=-is_weight * inputs.advantages * inputs.logp, ratio=ratio,
+                     clip_low=none, clip_high=clip_high, clip_dual=none)

@@ -17,6 +17,11 @@ import sys
 import time
 from typing import Any, Iterable, Mapping
 
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: plots are written to files, never shown
+import matplotlib.pyplot as plt  # noqa: E402
+
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
@@ -60,14 +65,14 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 def tensorboard_writer_class():
     """``SummaryWriter`` from tensorboardX or torch.utils.tensorboard, or None."""
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional (the logging extra): imported only when asked for
 
         return SummaryWriter
     except ImportError:
         pass
     try:
         import tensorboard  # noqa: F401  (torch's writer needs it)
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # torch is optional, never a runtime dependency
 
         return SummaryWriter
     except ImportError:
@@ -127,7 +132,7 @@ class MetricsLogger:
                 self.notes.append("TensorBoard off: install tensorboardX to get event files")
         if wandb:
             try:
-                import wandb as wandb_module
+                import wandb as wandb_module  # optional (the logging extra)
             except ImportError:
                 raise DependencyMissing("logging.wandb=True needs wandb (pip install wandb)") from None
             self._wandb = wandb_module.init(
@@ -231,11 +236,6 @@ def plot_run(run_dir: str) -> list[str]:
     records = read_jsonl(path)
     if not records:
         raise ValueError(f"{path} holds no metrics yet")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     written = []

@@ -1,0 +1,193 @@
+"""The collection phase of one RL step: prompts → Rollout → Scored → a device TrainBatch.
+
+1. Draw P prompts, sample n responses each through the rollout backend (arrays stay on
+   device), bring the completion tokens and per-row ints to the host, score them → Scored.
+2. With dynamic sampling, keep only groups whose rewards differ, drawing more prompt
+   batches until P groups are kept or ``rl.max_sampling_rounds`` is reached; a short batch
+   is padded with loss-free rows. Shapes stay static: P·n rows.
+3. Group-relative advantages (host, from the rewards) and the device TrainBatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from jaxrl.data.batching import assemble_train_batch, left_pad_prompts, padded_row_index, response_mask
+from jaxrl.data.sources import PromptIterator
+from jaxrl.data.tokenizer import decode_completion
+from jaxrl.rewards.base import RewardExecutor
+from jaxrl.rl.advantages import AdvantageConfig, compute_advantages
+from jaxrl.rl.filters import DynamicSamplingAccumulator
+from jaxrl.sampling.backend import RolloutBackend
+from jaxrl.sharding.transfer import host_array
+from jaxrl.types import FINISH_LENGTH, Rollout, Scored, TrainBatch
+from jaxrl.wiring import CORRECT_COMPONENT
+
+
+@dataclasses.dataclass(frozen=True)
+class Collector:
+    """What the collection phase reads: the rollout backend, the prompt stream, the reward
+    executor, and the shapes of a step (P prompts × n samples)."""
+
+    backend: RolloutBackend
+    data: PromptIterator
+    rewards: RewardExecutor
+    tokenizer: Any
+    cfg: ml_collections.ConfigDict
+    row_sharding: NamedSharding
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.cfg.rl.prompts_per_step
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.cfg.rl.samples_per_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class Collected:
+    """The kept rows of one step: ``scored`` rows (device rollout + host scores) with group
+    ids renumbered 0..G-1, or None when no group had reward variance."""
+
+    scored: Scored | None
+    metrics: dict[str, float]
+    samples: list[dict]
+
+
+def score(collector: Collector, records: list[dict], rollout: Rollout) -> tuple[Scored, list[dict], dict]:
+    """Rewards for one rollout of ``records`` → (Scored, sample records, reward metrics)."""
+    tokens, lengths = host_array(rollout.tokens), host_array(rollout.lengths)
+    group_ids = host_array(rollout.group_ids)
+    row_records = [records[g] for g in group_ids]
+    completions = [decode_completion(collector.tokenizer, tokens[i, : lengths[i]]) for i in range(len(row_records))]
+    examples = [{**r["example"], "completion_tokens": int(n)} for r, n in zip(row_records, lengths)]
+    rewards, components, metrics = collector.rewards.score([r["prompt_text"] for r in row_records], completions,
+                                                           examples)
+    rewards = np.asarray(rewards, np.float32)
+    correct = (components[CORRECT_COMPONENT] >= collector.cfg.rewards.correct_threshold).astype(np.float32)
+    scored = Scored(rollout=rollout, rewards=rewards, correct=correct, components=components, lengths=lengths,
+                    finish_reason=host_array(rollout.finish_reason), group_ids=group_ids)
+    samples = [{"prompt": r["prompt_text"], "completion": c, "reward": float(x)}
+               for r, c, x in zip(row_records, completions, rewards)]
+    return scored, samples, metrics
+
+
+def _mean_entropy(rollout: Rollout) -> float:
+    valid = response_mask(rollout.tokens.shape[1], rollout.lengths)
+    return float(jnp.sum(jnp.where(valid, rollout.entropies, 0.0)) / jnp.maximum(jnp.sum(valid), 1))
+
+
+def _take_rows(rollouts: list[Rollout], index: np.ndarray) -> Rollout:
+    """Rows ``index`` of the rollouts concatenated along rows (on device)."""
+    if len(rollouts) == 1:
+        return jax.tree.map(lambda x: x[index], rollouts[0])
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[index], *rollouts)
+
+
+def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
+    """Sampling rounds until the train batch is full (dynamic sampling) → kept rows + metrics."""
+    cfg, n = collector.cfg, collector.samples_per_prompt
+    dynamic = cfg.rl.dynamic_sampling
+    acc = DynamicSamplingAccumulator(target_groups=collector.prompts_per_step,
+                                     max_rounds=cfg.rl.max_sampling_rounds if dynamic else 1)
+    rounds: list[Scored] = []
+    totals = {"time/sample": 0.0, "time/reward": 0.0, "generated_tokens": 0.0}
+    reward_metrics: dict[str, Any] = {}
+    samples: list[dict] = []
+    while True:
+        key = jax.random.fold_in(step_key, acc.rounds)
+        records = next(collector.data)
+        prompt_tokens, prompt_lengths = left_pad_prompts(records, cfg.data.max_prompt_tokens, collector.backend.pad_id)
+        started = time.monotonic()
+        rollout = collector.backend.generate(params, prompt_tokens, prompt_lengths, n, key)
+        jax.block_until_ready(rollout)
+        totals["time/sample"] += time.monotonic() - started
+        started = time.monotonic()
+        scored, round_samples, metrics = score(collector, records, rollout)
+        totals["time/reward"] += time.monotonic() - started
+        totals["generated_tokens"] += float(scored.lengths.sum())
+        if not samples:  # the first round's prompts: an unfiltered view of the policy
+            samples = round_samples
+            reward_metrics = {k: v for k, v in metrics.items() if not isinstance(v, str)}
+        rounds.append(scored)
+        if not dynamic:
+            break
+        handles = {"round": np.full(len(scored.rewards), len(rounds) - 1), "row": np.arange(len(scored.rewards))}
+        acc.add(handles, scored.rewards, scored.group_ids)
+        if acc.is_full or acc.out_of_rounds:
+            break
+    metrics = _round_metrics(rounds)
+    metrics.update({k: float(v) for k, v in reward_metrics.items() if k != "reward/mean"})
+    metrics.update(totals)
+    metrics["throughput/sample_tokens_per_s"] = totals["generated_tokens"] / max(totals["time/sample"], 1e-9)
+    if not dynamic:
+        return Collected(rounds[0], metrics, samples)
+    metrics.update(acc.stats)
+    if not acc.groups_kept:
+        return Collected(None, metrics, samples)
+    handles, rewards, group_ids = acc.result(allow_partial=True)
+    offsets = np.cumsum([0] + [len(s.rewards) for s in rounds])
+    index = offsets[handles["round"]] + handles["row"]
+    pick = lambda name: np.concatenate([getattr(s, name) for s in rounds])[index]  # noqa: E731
+    kept = Scored(rollout=_take_rows([s.rollout for s in rounds], index), rewards=rewards, correct=pick("correct"),
+                  components={k: np.concatenate([s.components[k] for s in rounds])[index] for k in rounds[0].components},
+                  lengths=pick("lengths"), finish_reason=pick("finish_reason"), group_ids=group_ids)
+    return Collected(kept, metrics, samples)
+
+
+def _round_metrics(rounds: list[Scored]) -> dict[str, float]:
+    generated = np.concatenate([s.lengths for s in rounds])
+    return {
+        "reward/mean": float(np.mean(np.concatenate([s.rewards for s in rounds]))),
+        "accuracy": float(np.mean(np.concatenate([s.correct for s in rounds]))),
+        "rollout/response_length_mean": float(np.mean(generated)),
+        "rollout/response_length_max": float(np.max(generated)),
+        "rollout/truncated_fraction": float(np.mean(np.concatenate([s.finish_reason for s in rounds]) == FINISH_LENGTH)),
+        "rollout/entropy_mean": float(np.mean([_mean_entropy(s.rollout) for s in rounds])),
+    }
+
+
+def group_advantages(adv_cfg: AdvantageConfig, rewards: np.ndarray, group_ids: np.ndarray, num_groups: int) -> np.ndarray:
+    """float32 [B] advantages for host rewards [B] (group ids in [0, num_groups))."""
+    adv = compute_advantages(adv_cfg.estimator, rewards, group_ids, num_groups=num_groups,
+                             grpo_scale=adv_cfg.grpo_scale, eps=adv_cfg.eps,
+                             positive_weight=adv_cfg.positive_weight, correct_threshold=adv_cfg.correct_threshold)
+    return np.asarray(adv, np.float32)
+
+
+def train_batch_fn(row_sharding: NamedSharding, *, overlong_filter: bool) -> Callable:
+    """Jitted ``(rollout, index, live, advantages, group_ids) -> (TrainBatch, truncated)``:
+    rows ``index`` of the rollout assembled into a train batch laid out by ``row_sharding``."""
+
+    def build(rollout, index, live, advantages, group_ids):
+        rows = jax.tree.map(lambda x: x[index], rollout)
+        return assemble_train_batch(rows, live, advantages, group_ids, overlong_filter=overlong_filter)
+
+    return jax.jit(build, out_shardings=row_sharding)
+
+
+def make_train_batch(collector: Collector, adv_cfg: AdvantageConfig, build: Callable,
+                     kept: Scored) -> tuple[TrainBatch, jax.Array, int]:
+    """Kept rows → (device TrainBatch of P·n rows, truncated bool [P·n], real row count).
+
+    Rows past the real ones are loss-free copies of row 0 in their own group (id P), so
+    they cannot move any real group's baseline.
+    """
+    num_rows = collector.prompts_per_step * collector.samples_per_prompt
+    real = len(kept.rewards)
+    index = padded_row_index(real, num_rows)
+    live = np.arange(num_rows) < real
+    group_ids = np.where(live, kept.group_ids[index], collector.prompts_per_step).astype(np.int32)
+    rewards = np.where(live, kept.rewards[index], 0.0).astype(np.float32)
+    advantages = np.where(live, group_advantages(adv_cfg, rewards, group_ids, collector.prompts_per_step + 1), 0.0)
+    batch, truncated = build(kept.rollout, index, live, advantages.astype(np.float32), group_ids)
+    return batch, truncated, real
