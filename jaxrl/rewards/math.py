@@ -64,10 +64,17 @@ Stricter than math-verify (documented, tested): decimals never match non-equal r
 from __future__ import annotations
 
 import time
+from fractions import Fraction
 from typing import Any, Mapping
 
 from jaxrl.rewards.math_extract import DEFAULT_POLICY, STRICT_POLICY, GradingPolicy, extract_answer, gold_answer
-from jaxrl.rewards.math_normalize import align_assignments, as_rational, normalize_answer
+from jaxrl.rewards.math_normalize import (
+    align_assignments,
+    as_rational,
+    has_percent,
+    normalize_answer,
+    percent_readings,
+)
 from jaxrl.rewards.math_symbolic import (
     equal_in_sandbox,
     is_text_answer,
@@ -111,12 +118,23 @@ def answers_equivalent(
         return True
     pred_rational, gold_rational = as_rational(pred_norm), as_rational(gold_norm)
     if pred_rational is not None and gold_rational is not None:
-        return pred_rational == gold_rational
+        return _rationals_equal(pred, pred_rational, gold, gold_rational)
     if not policy.symbolic or is_text_answer(pred_norm) or is_text_answer(gold_norm):
         return False
     if symbolic_refusal(pred_norm, policy) or symbolic_refusal(gold_norm, policy):
         return False
     return equal_in_sandbox(gold_norm, pred_norm, policy.float_rounding, deadline)
+
+
+def _rationals_equal(pred: str, pred_value: Fraction, gold: str, gold_value: Fraction) -> bool:
+    """Exact equality of two numbers, with the percent rule: when exactly one raw answer
+    carries a percent sign, its number may also be read as a fraction (``percent_readings``)."""
+    if pred_value == gold_value:
+        return True
+    if has_percent(pred) == has_percent(gold):
+        return False
+    percent, other = (pred_value, gold_value) if has_percent(pred) else (gold_value, pred_value)
+    return other in percent_readings(percent)
 
 
 def grade(completion: str, gold: str, policy: GradingPolicy = DEFAULT_POLICY) -> bool:
