@@ -11,7 +11,7 @@ import re
 
 from jaxrl.rewards.math_normalize import BOX_WORD, comparison_key, normalize_answer, top_level_box_spans, top_level_boxes
 
-__all__ = ["GradingPolicy", "DEFAULT_POLICY", "STRICT_POLICY", "extract_answer", "gold_answer", "split_think"]
+__all__ = ["GradingPolicy", "DEFAULT_POLICY", "STRICT_POLICY", "extract_answer", "gold_answer", "answer_regions"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,30 +63,15 @@ _JUDGE_TEXT = re.compile(
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
-def split_think(text: str) -> tuple[str, str]:
-    """(outside, inside): the text outside ``<think>...</think>`` blocks and the text inside,
-    each joined with newlines. A ``</think>`` with no opener closes a block that starts at the
-    beginning; an unclosed ``<think>`` runs to the end. One linear pass of ``str.find``."""
-    outside: list[str] = []
-    inside: list[str] = []
-    pos = 0
-    first_close, first_open = text.find(_THINK_CLOSE), text.find(_THINK_OPEN)
-    if first_close != -1 and (first_open == -1 or first_close < first_open):
-        inside.append(text[:first_close])
-        pos = first_close + len(_THINK_CLOSE)
-    while True:
-        opened = text.find(_THINK_OPEN, pos)
-        if opened == -1:
-            outside.append(text[pos:])
-            break
-        outside.append(text[pos:opened])
-        closed = text.find(_THINK_CLOSE, opened + len(_THINK_OPEN))
-        if closed == -1:
-            inside.append(text[opened + len(_THINK_OPEN) :])
-            break
-        inside.append(text[opened + len(_THINK_OPEN) : closed])
-        pos = closed + len(_THINK_CLOSE)
-    return "\n".join(outside), "\n".join(inside)
+def answer_regions(text: str) -> tuple[str, ...]:
+    """Where the final answer is looked for, in order: the text after the last closed
+    ``<think>...</think>`` block (a ``</think>`` with no opener closes a block that starts at
+    the beginning), then the whole text. A ``<think>`` left open at the end, or no block at
+    all, leaves only the whole text. Two ``str.rfind`` calls: linear."""
+    closed = text.rfind(_THINK_CLOSE)
+    if closed == -1 or text.rfind(_THINK_OPEN) > closed:
+        return (text,)
+    return text[closed + len(_THINK_CLOSE) :], text
 
 
 # Answer lines. Per line, the content after the LAST marker is the candidate ("Final Answer:
@@ -137,19 +122,26 @@ def _answer_line_content(raw: str) -> str:
     return answer
 
 
+_LEAD_IN = re.compile(r"[\s*,:]*(?:(?:the|final|so|thus|hence|therefore)[\s*,:]+)*", re.IGNORECASE)
+
+
 def _answer_lines(text: str) -> list[tuple[str, int, int]]:
-    """(content, start, end) of every answer line (``Answer: ...``, ``The answer is ...``,
-    ``#### ...``) in order; ``start``/``end`` are offsets of the line in ``text``."""
+    """(content, start, gap_start) of every answer statement (``Answer: ...``, ``The answer is
+    ...``, ``#### ...``) in order: offsets in ``text`` of the marker and of its content (a
+    remark after the answer belongs to the gap before the next statement). A marker whose text up to the next marker on
+    its line is only a lead-in ("Final Answer: The final answer is $42$") is merged into it;
+    two statements on one line are two candidates."""
     found = []
     offset = 0
     for line in text.split("\n"):
-        last = None
-        for last in _ANSWER_MARK.finditer(line):
-            pass
-        if last is not None:
-            content = _answer_line_content(line[last.end() :])
+        marks = list(_ANSWER_MARK.finditer(line))
+        for mark, after in zip(marks, marks[1:] + [None]):
+            stop = len(line) if after is None else after.start()
+            if after is not None and _LEAD_IN.fullmatch(line, mark.end(), stop):
+                continue
+            content = _answer_line_content(line[mark.end() : stop])
             if content:
-                found.append((content, offset + last.start(), offset + len(line)))
+                found.append((content, offset + mark.start(), offset + mark.end()))
         offset += len(line) + 1
     return found
 
@@ -203,16 +195,33 @@ _MAX_SPELLINGS = 32  # more differently written final answers than this is spray
 
 
 def _region_candidates(region: str, policy: GradingPolicy) -> list[tuple[str, int, int]] | None:
-    """(answer, start, end) candidates of one region in order: its boxes if it has any, else
+    """(answer, start, gap_start) candidates of one region in order: its boxes if it has any, else
     (policy permitting) its answer lines; [] if none; None if a box is malformed."""
     if BOX_WORD.search(region):
         spans = top_level_box_spans(region)
-        return None if spans is None else list(zip(*spans))
+        if spans is None or (spans[0] and _is_hedged(region, spans[1][-1], spans[2][-1])):
+            return None
+        return list(zip(*spans))
     if policy.answer_line_fallback:
         lines = _answer_lines(region)
         # Descriptions ("the answer is the sum of ...") are not answers, unless last.
         return [c for c in lines[:-1] if not _DESCRIPTION.match(c[0])] + lines[-1:]
     return []
+
+
+# A negation or alternative written right next to the final box ("not $\\boxed{42}$",
+# "$\\boxed{42}$ or 43"). The windows are a few characters: constant work.
+_HEDGE_BEFORE = re.compile(
+    r"(?:\b(?:not|nor|never|except|or)|n't|\\neq?|≠)[ \t$\\(\[=:*]{0,6}$", re.IGNORECASE
+)
+_HEDGE_AFTER = re.compile(r"[ \t$.,\\)\]*]{0,6}(?:(?:or|nor)\b|\\pm|±|\+/-)", re.IGNORECASE)
+_HEDGE_WINDOW = 24
+
+
+def _is_hedged(region: str, start: int, end: int) -> bool:
+    """Whether the box at region[start:end] is negated or offered with an alternative."""
+    before = region[max(0, start - _HEDGE_WINDOW) : start]
+    return bool(_HEDGE_BEFORE.search(before) or _HEDGE_AFTER.match(region, end, end + _HEDGE_WINDOW))
 
 
 def _is_revision(gap: str) -> bool:
@@ -250,7 +259,7 @@ def _candidate_answers(completion: str, policy: GradingPolicy) -> tuple[str, lis
         return None
     if _CONTROL_CHARS.search(completion) or _JUDGE_TEXT.search(completion):
         return None
-    for region in split_think(completion):
+    for region in answer_regions(completion):
         candidates = _region_candidates(region, policy)
         if candidates is None:
             return None
