@@ -80,7 +80,7 @@ _ANSWER_MARK = re.compile(
     r"^[ \t>*#_]{0,8}(?:final[ \t]{1,4})?answer[ \t]{0,4}(?:\*\*)?[ \t]{0,4}(?:is)?[ \t]{0,4}[:：]"
     r"|\banswer[ \t]{1,4}(?:\*\*[ \t]{0,4})?is\b[ \t]{0,4}(?:\*\*)?[ \t]{0,4}[:：]?"
     r"|^[ \t]{0,8}####",
-    re.IGNORECASE,
+    re.IGNORECASE | re.MULTILINE,
 )
 _MINERVA_TAIL = re.compile(r"[ \t]{0,4}I[ \t]{1,4}hope[ \t]{1,4}it[ \t]{1,4}is[ \t]{1,4}correct[ \t]{0,4}\.?[ \t]{0,4}$")
 _MATH_SPAN = re.compile(r"\$\$?[^$]+\$\$?|\\\(.+?\\\)|\\\[.+?\\\]")
@@ -131,18 +131,22 @@ def _answer_lines(text: str) -> list[tuple[str, int, int]]:
     remark after the answer belongs to the gap before the next statement). A marker whose text up to the next marker on
     its line is only a lead-in ("Final Answer: The final answer is $42$") is merged into it;
     two statements on one line are two candidates."""
-    found = []
-    offset = 0
-    for line in text.split("\n"):
-        marks = list(_ANSWER_MARK.finditer(line))
-        for mark, after in zip(marks, marks[1:] + [None]):
-            stop = len(line) if after is None else after.start()
-            if after is not None and _LEAD_IN.fullmatch(line, mark.end(), stop):
-                continue
-            content = _answer_line_content(line[mark.end() : stop])
-            if content:
-                found.append((content, offset + mark.start(), offset + mark.end()))
-        offset += len(line) + 1
+    found: list[tuple[str, int, int]] = []
+    contents: dict[str, str] = {}  # a repeated statement is read once
+    marks = list(_ANSWER_MARK.finditer(text))
+    line_end = -1
+    for mark, after in zip(marks, marks[1:] + [None]):
+        if mark.start() > line_end:
+            line_end = text.find("\n", mark.start())
+            line_end = len(text) if line_end == -1 else line_end
+        stop = line_end if after is None or after.start() > line_end else after.start()
+        if stop < line_end and _LEAD_IN.fullmatch(text, mark.end(), stop):
+            continue
+        raw = text[mark.end() : stop]
+        if raw not in contents:
+            contents[raw] = _answer_line_content(raw)
+        if contents[raw]:
+            found.append((contents[raw], mark.start(), mark.end()))
     return found
 
 
