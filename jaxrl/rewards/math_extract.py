@@ -89,14 +89,15 @@ _HEDGE_WORDS = re.compile(
     r"\b(?:or|and|not|no|maybe|perhaps|possibly|probably|likely|approx\w{0,8}|about|around|roughly|"
     r"nearly|almost|least|most|more|less|than|plus|minus|either|to|between|if|unless|guess|"
     r"times|over|under|percent|hundreds?|thousands?|millions?|billions?|trillions?|dozens?|half|"
-    r"halves|quarters?|thirds?|squared|cubed|factorial|wrong|incorrect)\b",
+    r"halves|quarters?|thirds?|squared|cubed|factorial|wrong|incorrect|"
+    r"pi|sqrt|roots?|log|ln|sin|cos|tan|exp|mod|choose|power|divided|i|e)\b",
     re.IGNORECASE,
 )
-_NUMBER_THEN_WORDS = re.compile(r"([-+]?(?:\\\$|\$)?[0-9][0-9.,]{0,40})[ \t]{1,4}([A-Za-z][A-Za-z '-]{0,40})")
+_NUMBER_THEN_WORDS = re.compile(r"([-+]?(?:\\\$|\$)?[0-9][0-9.,]{0,40})[ \t]{1,4}([A-Za-z]{3}[A-Za-z '-]{0,40})")
 # A description rather than an answer ("the answer is the sum of ..."): ignored unless last.
 _DESCRIPTION = re.compile(
     r"(?:the|a|an|that|this|to|how|what|which|when|where|why|found|given|obtained|in|at|by|from|"
-    r"simply|just|clearly|then|now)[ \t]",
+    r"simply|just|clearly|then|now)[ \t]{1,4}[A-Za-z]",
     re.IGNORECASE,
 )
 
