@@ -15,8 +15,11 @@ __all__ = [
     "align_assignments",
     "as_rational",
     "comparison_key",
+    "has_percent",
     "matching_braces",
     "normalize_answer",
+    "percent_readings",
+    "top_level_box_spans",
     "top_level_boxes",
     "unwrap_boxes",
 ]
@@ -56,8 +59,16 @@ def top_level_boxes(text: str) -> tuple[list[str], list[int]] | None:
 
     Malformed: an unclosed box, or a box whose content holds another box next to other text.
     """
+    spans = top_level_box_spans(text)
+    return None if spans is None else (spans[0], spans[2])
+
+
+def top_level_box_spans(text: str) -> tuple[list[str], list[int], list[int]] | None:
+    """As ``top_level_boxes`` plus the start offsets (index of the backslash of each box):
+    (contents, starts, ends), or None if a box is malformed."""
     matches = matching_braces(text)
     contents: list[str] = []
+    starts: list[int] = []
     ends: list[int] = []
     covered_until = -1
     for found in _BOX_START.finditer(text):
@@ -73,9 +84,10 @@ def top_level_boxes(text: str) -> tuple[list[str], list[int]] | None:
         if content is None:
             return None
         contents.append(content)
+        starts.append(found.start())
         ends.append(close_brace + 1)
         covered_until = close_brace
-    return contents, ends
+    return contents, starts, ends
 
 
 def unwrap_boxes(content: str) -> str | None:
@@ -111,7 +123,14 @@ _PLAIN_UNIT_SUFFIX = re.compile(
     r"^(?P<value>[-+]?[0-9.,/]*[0-9])\s+(?:" + _UNIT_WORDS + r")\.?$", re.IGNORECASE
 )
 _TEXT_COMMAND = re.compile(r"\\(?:text|mbox|mathrm|textrm|textnormal|textbf|textit|mathbf)\s*\{([^{}]*)\}")
-_SPACING = re.compile(r"\\(?:[,:;! ]|quad|qquad|enspace|thinspace|medspace)|~")
+_SPACING = re.compile(
+    r"\\(?:[,:;! ]|quad|qquad|enspace|thinspace|medspace)|~"
+    r"|\\[hv]space\*?\s?\{[^{}]{0,20}\}"
+    r"|\\(?:hskip|kern|mkern|mskip)\s?-?[0-9.]{1,8}\s?(?:em|ex|pt|mu|cm|mm|in)"
+)
+_EMPTY_SET = re.compile(r"\\(?:varnothing|emptyset|O)(?![a-zA-Z])|∅")
+# Whitespace goes, except one space that keeps a command apart from a letter (``\le x``).
+_WHITESPACE = re.compile(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])|\s+")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?:l|r)?(?![a-zA-Z])")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree(?![a-zA-Z])|°")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -138,7 +157,7 @@ def _strip_outer_braces(s: str) -> str:
 
 def normalize_answer(text: str) -> str:
     """Canonical string form of an answer (rules: the docstring of ``jaxrl.rewards.math``)."""
-    s = text.strip()
+    s = re.sub(r"(?<!\\)\\$", "", text.strip())  # "3\ " stripped to "3\": the space command
     for src, dst in _UNICODE.items():
         s = s.replace(src, dst)
     s = s.replace("\\$", "").replace("$", "")
@@ -168,7 +187,9 @@ def normalize_answer(text: str) -> str:
     s = s.rstrip(" .,;:").strip()
     if _WORDS.fullmatch(s) and " " in s:
         s = s.lower()
-    s = _strip_outer_braces("".join(s.split()))
+    s = _WHITESPACE.sub(lambda m: m.group(1) + " " if m.group(1) else "", s)
+    s = _strip_outer_braces(_EMPTY_SET.sub(r"\\emptyset", s))
+    s = re.sub(r"(^|[(\[,])\+\\infty", r"\1\\infty", s)
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     s = _SHORT_FRAC.sub(r"\\frac{\1}{\2}", s)
@@ -181,6 +202,45 @@ def normalize_answer(text: str) -> str:
         s = s[1:]
     if len(s) >= 2 and s.isalpha():
         s = s.lower()
+    return _inequality_as_interval(s)
+
+
+_RELATION = re.compile(r"(\\(?:leqslant|leq|le|lt|geqslant|geq|ge|gt)(?![a-zA-Z]) ?|<=|>=|<|>)")
+_VARIABLE = re.compile(r"[a-zA-Z](?:_\{?[a-zA-Z0-9]{1,8}\}?)?")
+
+
+def _relation_kind(op: str) -> tuple[str, bool]:
+    """(direction "<" or ">", inclusive) of a relation token such as ``\\leq`` or ``>``."""
+    op = op.strip()
+    less = op.startswith(("<", "\\l"))
+    inclusive = op in ("<=", ">=") or op.startswith(("\\le", "\\ge"))
+    return ("<" if less else ">"), inclusive
+
+
+def _inequality_as_interval(s: str) -> str:
+    """A normalised one-variable inequality as an interval, else ``s`` unchanged:
+    ``x\\ge2`` -> ``[2,\\infty)``, ``2<x`` -> ``(2,\\infty)``, ``-3\\le x\\le3`` -> ``[-3,3]``."""
+    parts = _RELATION.split(s)
+    if len(parts) == 3:
+        left, (direction, inclusive), right = parts[0], _relation_kind(parts[1]), parts[2]
+        if _VARIABLE.fullmatch(left) and right and not _VARIABLE.fullmatch(right):
+            bound = right
+        elif _VARIABLE.fullmatch(right) and left and not _VARIABLE.fullmatch(left):
+            bound, direction = left, (">" if direction == "<" else "<")
+        else:
+            return s
+        if direction == "<":
+            return "(-\\infty," + bound + ("]" if inclusive else ")")
+        return ("[" if inclusive else "(") + bound + ",\\infty)"
+    if len(parts) == 5 and _VARIABLE.fullmatch(parts[2]) and parts[0] and parts[4]:
+        (first, first_inclusive), (second, second_inclusive) = map(_relation_kind, (parts[1], parts[3]))
+        if first != second or _VARIABLE.fullmatch(parts[0]) or _VARIABLE.fullmatch(parts[4]):
+            return s
+        low, high = (parts[0], parts[4]) if first == "<" else (parts[4], parts[0])
+        low_inclusive, high_inclusive = (
+            (first_inclusive, second_inclusive) if first == "<" else (second_inclusive, first_inclusive)
+        )
+        return ("[" if low_inclusive else "(") + low + "," + high + ("]" if high_inclusive else ")")
     return s
 
 
@@ -231,12 +291,16 @@ def as_rational(s: str) -> Fraction | None:
 
 
 _ASSIGNMENT = re.compile(r"([a-zA-Z](?:_\{?[a-zA-Z0-9]+\}?)?)=([^=<>]+)")
+_REVERSED_ASSIGNMENT = re.compile(r"([^=<>]+)=([a-zA-Z](?:_\{?[a-zA-Z0-9]+\}?)?)")
 
 
 def _split_assignment(s: str) -> tuple[str | None, str]:
-    """``x=3`` -> ("x", "3"); anything else -> (None, s)."""
+    """``x=3`` (or ``3=x``) -> ("x", "3"); anything else -> (None, s)."""
     m = _ASSIGNMENT.fullmatch(s)
-    return (m.group(1), m.group(2)) if m else (None, s)
+    if m:
+        return m.group(1), m.group(2)
+    m = _REVERSED_ASSIGNMENT.fullmatch(s)
+    return (m.group(2), m.group(1)) if m else (None, s)
 
 
 def comparison_key(normalized: str) -> str:
@@ -249,10 +313,27 @@ def comparison_key(normalized: str) -> str:
 
 def align_assignments(pred: str, gold: str) -> tuple[str, str]:
     """(pred, gold) normalised answers with ``x=3`` reduced to ``3``, unless both sides assign
-    (then both are returned unchanged and the variables must match too)."""
+    (then both are returned as ``var=value`` and the variables must match too)."""
     pred_var, pred_value = _split_assignment(pred)
     gold_var, gold_value = _split_assignment(gold)
     if pred_var is not None and gold_var is not None:
-        return pred, gold
+        return f"{pred_var}={pred_value}", f"{gold_var}={gold_value}"
     return pred_value, gold_value
+
+
+_PERCENT = re.compile(r"%|\bper[ \t]?cent\b", re.IGNORECASE)
+_MAX_PERCENT_AS_FRACTION = 100
+
+
+def has_percent(text: str) -> bool:
+    """Whether a raw answer carries a percent sign (``%``, ``\\%``) or the word percent."""
+    return _PERCENT.search(text) is not None
+
+
+def percent_readings(value: Fraction) -> tuple[Fraction, ...]:
+    """The values an answer written ``value%`` may stand for: ``value`` itself (50% read as the
+    percentage 50) and, when |value| <= 100, ``value / 100`` (50% read as the number 0.5)."""
+    if abs(value) <= _MAX_PERCENT_AS_FRACTION:
+        return value, value / 100
+    return (value,)
 
