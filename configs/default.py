@@ -5,12 +5,15 @@
 
 from jaxrl.config import base_config
 
+HARDWARE = "cpu"  # what get_config() is sized for (tests/test_configs_fit.py plans it)
+
 
 def get_config():
     cfg = base_config()
     cfg.run.name = "default"
     cfg.model.path = "assets/default_model"
     cfg.data.source = "synthetic"
+    cfg.data.preset = "countdown"  # rows: prompt, numbers, target
     cfg.data.max_prompt_tokens = 32
     cfg.data.synthetic_difficulty = "easy"  # the task assets/default_model was warmed up on
     cfg.sampling.max_new_tokens = 24  # easy completions are <= 20 tokens

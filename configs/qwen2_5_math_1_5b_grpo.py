@@ -1,12 +1,15 @@
 """GRPO on Qwen2.5-Math-1.5B, one GPU (80 GB): bf16 compute, fp32 master weights.
 
-Download the model to ./models/Qwen2.5-Math-1.5B and the prompts (jsonl with "prompt" and
-"answer", e.g. a MATH / DAPO-Math-17k export) to ./data first; nothing is fetched at run time.
+Download the model to ./models/Qwen2.5-Math-1.5B, the MATH train split (``problem`` /
+``solution`` with the final \\boxed{}, preset "math") to ./data/math_train.jsonl and MATH-500
+to ./data/math500.jsonl first; nothing is fetched at run time.
 
     jaxrl train --config configs/qwen2_5_math_1_5b_grpo.py
 """
 
 from jaxrl.config import base_config
+
+HARDWARE = "h100"  # one 80 GB GPU (tests/test_configs_fit.py plans it)
 
 
 def get_config():
@@ -18,10 +21,12 @@ def get_config():
     cfg.model.remat = "full"
     cfg.data.source = "files"
     cfg.data.train_files = ("data/math_train.jsonl",)
+    cfg.data.preset = "math"  # gold = MATH-500's answer, else the last \\boxed{} of solution
     cfg.data.system_prompt = "Please reason step by step, and put your final answer within \\boxed{}."
     cfg.data.max_prompt_tokens = 1024
     cfg.sampling.max_new_tokens = 3072
     cfg.sampling.temperature = 1.0
+    cfg.sampling.max_rows_per_call = 256  # KV cache of 256 x 4k-token rows (`jaxrl plan --hardware h100`)
     cfg.rewards.task = "math"
     cfg.rewards.num_workers = 8
     cfg.rl.estimator = "grpo"
@@ -41,7 +46,7 @@ def get_config():
     cfg.optim.grad_clip = 1.0
     cfg.train.num_steps = 500
     cfg.checkpoint.every_steps = 20
-    cfg.eval.files = ("data/math500.jsonl",)
+    cfg.eval.sets = ("math500=math:data/math500.jsonl",)
     cfg.eval.every_steps = 50
     cfg.eval.max_examples = 500
     cfg.eval.num_samples = 4

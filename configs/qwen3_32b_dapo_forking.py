@@ -8,6 +8,8 @@ Sized for a TPU v5p-128 slice (64 chips: fsdp 16 × tensor 4; `jaxrl plan --hard
 from configs.qwen3_8b_dapo_forking import dapo_forking
 from jaxrl.config import base_config
 
+HARDWARE = "v5p-128"  # what get_config() is sized for (tests/test_configs_fit.py plans it)
+
 
 def get_config():
     cfg = dapo_forking(base_config(), "models/Qwen3-32B", "qwen3_32b_dapo_forking")

@@ -12,6 +12,8 @@ through the top-20% entropy tokens of the step's batch, normalised by all tokens
 
 from jaxrl.config import base_config
 
+HARDWARE = "h100x8"  # what get_config() is sized for (tests/test_configs_fit.py plans it)
+
 
 def dapo_forking(cfg, model_path: str, name: str):
     """The DAPO / forking-token recipe on ``cfg`` (shared by the 8B and 32B configs)."""
@@ -21,7 +23,9 @@ def dapo_forking(cfg, model_path: str, name: str):
     cfg.model.param_dtype = "float32"
     cfg.model.remat = "full"
     cfg.data.source = "files"
-    cfg.data.train_files = ("data/dapo_math_17k.jsonl",)
+    cfg.data.train_files = ("data/dapo_math_17k.parquet",)  # BytedTsinghua-SIA/DAPO-Math-17k as published
+    cfg.data.preset = "dapo_math"  # chat-message prompt, gold under reward_model.ground_truth
+    cfg.data.drop_duplicates = True  # the published file repeats its 17k prompts
     cfg.data.max_prompt_tokens = 2048
     cfg.sampling.max_new_tokens = 20480
     cfg.sampling.temperature = 1.0
@@ -59,13 +63,13 @@ def dapo_forking(cfg, model_path: str, name: str):
     cfg.train.num_steps = 1000
     cfg.checkpoint.every_steps = 10
     cfg.checkpoint.keep = 3
-    cfg.eval.files = ("data/aime24.jsonl",)
+    cfg.eval.sets = ("aime24=aime:data/aime24.jsonl",)  # problem / integer answer
     cfg.eval.every_steps = 20
     cfg.eval.max_examples = 30
     cfg.eval.num_samples = 32
     cfg.eval.temperature = 1.0
     cfg.eval.top_p = 0.7
-    cfg.eval.batch_prompts = 30
+    cfg.eval.batch_prompts = 4  # 4 x 32 samples = 128 rows of KV cache, like the rollouts (`jaxrl plan`)
     cfg.mesh.data = 1
     cfg.mesh.fsdp = -1
     cfg.mesh.tensor = 1

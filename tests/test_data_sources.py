@@ -47,7 +47,7 @@ def test_jsonl_batches_with_field_mapping(tmp_path, tokenizer):
     first = batches[0][0]
     assert first["prompt_text"] == rows[0]["question"]
     assert first["answer"] == str(rows[0]["gold"])
-    assert first["example"] == rows[0]
+    assert first["example"]["row"] == rows[0] and first["example"]["gold"] == str(rows[0]["gold"])
     assert first["prompt_tokens"] == tok.encode_prompt(tokenizer, rows[0]["question"], system_prompt="be brief")
     assert iterator.stats.rows_read == 8 and iterator.stats.rows_malformed == 0 and iterator.stats.rows_kept == 8
 
@@ -120,7 +120,7 @@ def test_overlong_prompts_skip_or_truncate(tmp_path, tokenizer):
     assert long["prompt"].startswith(cut["prompt_text"]) and cut["prompt_text"] != long["prompt"]
     assert len(cut["prompt_tokens"]) == limit  # the longest prefix that fits
     assert cut["prompt_tokens"][-1] == tok.ASSISTANT_ID  # the template's generation prompt survives
-    assert cut["example"] == long  # rewarders still see the original row
+    assert cut["example"]["row"] == long  # rewarders still see the original row
     with pytest.raises(ValueError, match="overlong"):
         sources.make_prompt_iterator(str(path), tokenizer, batch_size=1, overlong="wrap")
     with pytest.raises(ValueError, match="no room"):

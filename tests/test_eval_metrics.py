@@ -37,3 +37,24 @@ def test_plot_run_writes_pngs(tmp_path):
     names = sorted(os.path.basename(p) for p in paths)
     assert names == ["loss.png", "reward.png", "time.png"]
     assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_maj_at_k_hand_worked():
+    from jaxrl.eval.evaluate import final_answer, majority_correct
+
+    # answers 5, 5, 7, None -> 5 is the majority; the samples answering 5 are correct
+    assert majority_correct(["5", "5", "7", None], [True, True, False, False]) is True
+    # tie 5 vs 7: the first seen (7) decides
+    assert majority_correct(["7", "5", "5", "7"], [False, True, True, False]) is False
+    assert majority_correct([None, None], [False, False]) is False
+    assert final_answer("math", "so \\boxed{\\frac{1}{2}}") == final_answer("math", "\\boxed{\\dfrac12}")
+    assert final_answer("countdown", "1+2=3\nanswer: 3") == "3"
+
+
+def test_report_skipped_without_heldout_set():
+    from jaxrl.config import base_config
+    from jaxrl.eval.report import SKIPPED, heldout_before_after
+
+    cfg = base_config()
+    cfg.data.source = "files"
+    assert heldout_before_after(cfg, params_after=None) == ({}, {}, SKIPPED)

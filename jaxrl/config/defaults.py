@@ -53,11 +53,19 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic (countdown-lite, generated) | files
-    c.data.train_files = ()  # jsonl/parquet paths or globs (data.source = files)
-    c.data.prompt_field = "prompt"  # column holding the prompt text
-    c.data.answer_field = "answer"  # column holding the gold answer
-    c.data.system_prompt = config_dict.placeholder(str)  # optional system turn
+    c.data.train_files = ()  # jsonl/json/parquet paths, globs or save_to_disk dirs (data.source = files)
+    # Row layout (jaxrl.data.presets): generic | dapo_math | gsm8k | math | aime | countdown
+    # (or a registered one). It fixes where the prompt, gold answer and id live and how the
+    # gold is normalised; the three *_field keys below override it ("" = the preset's).
+    c.data.preset = "generic"
+    c.data.prompt_field = ""  # dotted path to the prompt: text or a list of chat messages
+    c.data.answer_field = ""  # dotted path to the gold answer (read as text, stripped)
+    c.data.id_field = ""  # dotted path to the row id
+    c.data.system_prompt = config_dict.placeholder(str)  # optional system turn (unless the row has one)
+    c.data.prompt_template = config_dict.placeholder(str)  # e.g. "{prompt}\nPut the answer in \\boxed{}."
     c.data.use_chat_template = True  # render prompts with the tokenizer's chat template
+    c.data.chat_template_kwargs = "{}"  # JSON object for the template, e.g. '{"enable_thinking": false}'
+    c.data.drop_duplicates = False  # duplicate rows (same prompt and gold) are counted; drop them too
     c.data.max_prompt_tokens = 64  # prompts are left-padded to exactly this (static shapes)
     c.data.overlong_prompts = "skip"  # skip | truncate prompts longer than max_prompt_tokens
     c.data.shuffle = True  # shuffle rows each epoch (seeded by run.seed)
@@ -72,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 64  # maximum response length L_max
     c.sampling.backend = "static"  # rollout backend (jaxrl.sampling.backend registry)
     c.sampling.max_rows_per_call = 0  # cap on rows (prompts x n) decoded at once (KV-cache memory); 0 = all
+    # Stop ids: the model's (config.json + generation_config.json eos ids), these ids, and each
+    # stop string that is exactly one token of the tokenizer (longer strings are refused).
+    c.sampling.stop_token_ids = ()
+    c.sampling.stop_strings = ()
 
     c.rewards = ml_collections.ConfigDict()
     c.rewards.task = "countdown"  # countdown (synthetic verifier) | math (boxed-answer grader)
@@ -139,7 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # periodic eval during training; 0 = off
-    c.eval.files = ()  # eval jsonl/parquet; empty with data.source = synthetic → held-out split
+    c.eval.files = ()  # eval files read with data.preset; empty with data.source = synthetic → held-out split
+    # More held-out sets, each "name=preset:path" (preset optional: "name=path" uses data.preset),
+    # e.g. ("math500=math:data/math500.jsonl", "aime24=aime:data/aime24.parquet"); each is reported apart.
+    c.eval.sets = ()
     c.eval.max_examples = 64  # evaluate on the first N examples
     c.eval.num_samples = 4  # k: samples per problem for avg@k / pass@k
     c.eval.temperature = 1.0  # sampling temperature for avg@k / pass@k

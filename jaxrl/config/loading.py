@@ -36,6 +36,16 @@ def resolve_config_path(name: str) -> str:
     raise ConfigError(f"config file not found: {name}")
 
 
+def resolve_model_path(path: str) -> str:
+    """``path`` itself when it exists; else, for a relative path, the same path under the
+    directory the ``configs`` package is installed in (the repository, or site-packages where
+    the embedded ``assets/default_model`` is shipped), so the default runs from any directory."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(configs.__file__))), path)
+    return shipped if os.path.exists(shipped) else path
+
+
 def _import_config_file(path: str) -> ml_collections.ConfigDict:
     path = resolve_config_path(path)
     spec = importlib.util.spec_from_file_location(f"_jaxrl_config_{abs(hash(path))}", path)
@@ -190,6 +200,7 @@ def load_config(path: str | None, overrides: Sequence[tuple[str, str]] | Sequenc
         overrides = parse_overrides(overrides)  # type: ignore[arg-type]
     for key, text in overrides:
         apply_override(cfg, key, text)
+    cfg.model.path = resolve_model_path(cfg.model.path)
     validate(cfg, check_files=check_files)
     return cfg
 

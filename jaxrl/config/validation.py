@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from jaxrl.config.defaults import ConfigError
+from jaxrl.data.presets import PRESETS, parse_eval_set
 from jaxrl.data.sources import resolve_files
 from jaxrl.models.config import DTYPES
 from jaxrl.rewards.registry import load_rewarder_spec, task_names
@@ -154,8 +155,10 @@ def _check_combinations(cfg) -> None:
         )
     if cfg.data.source == "files" and not cfg.data.train_files:
         raise ConfigError("data.train_files is empty but data.source='files'")
-    if cfg.data.source == "files" and cfg.eval.every_steps and not cfg.eval.files:
-        raise ConfigError("eval.every_steps > 0 with data.source='files' needs eval.files")
+    if cfg.data.source == "files" and cfg.eval.every_steps and not (cfg.eval.files or cfg.eval.sets):
+        raise ConfigError("eval.every_steps > 0 with data.source='files' needs eval.files or eval.sets")
+    if cfg.data.preset not in PRESETS:
+        raise ConfigError(f"data.preset={cfg.data.preset!r}; registered: {', '.join(sorted(PRESETS))}")
     if cfg.sampling.max_rows_per_call and cfg.sampling.max_rows_per_call < cfg.rl.samples_per_prompt:
         raise ConfigError(
             f"sampling.max_rows_per_call={cfg.sampling.max_rows_per_call} must be 0 (no cap) or at least "
@@ -173,7 +176,7 @@ def _check_files(cfg) -> None:
     if cfg.model.tokenizer_path and not os.path.isdir(cfg.model.tokenizer_path):
         raise ConfigError(f"model.tokenizer_path: directory not found: {cfg.model.tokenizer_path}")
     file_lists = (("data.train_files", cfg.data.train_files if cfg.data.source == "files" else ()),
-                  ("eval.files", cfg.eval.files))
+                  ("eval.files", cfg.eval.files), ("eval.sets", [parse_eval_set(s)[2] for s in cfg.eval.sets]))
     for key, patterns in file_lists:
         if patterns:
             try:

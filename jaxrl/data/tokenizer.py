@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers import models as tokenizer_models
@@ -93,12 +93,14 @@ def build_tokenizer(out_dir: str | os.PathLike, *, model_max_length: int = 512) 
     return out_dir
 
 
-def build_prompt_text(tokenizer, prompt: str, *, system_prompt: str | None = None, use_chat_template: bool = True) -> str:
-    """The exact text the model is conditioned on for ``prompt`` (before tokenisation).
+def render_messages(tokenizer, messages: Sequence[Mapping[str, str]], *, use_chat_template: bool = True,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The exact text the model is conditioned on for chat ``messages`` (before tokenisation).
 
-    With the chat template: a system turn (if given), the user turn and the generation
-    prompt. Without it: ``system_prompt + "\\n" + prompt`` (or just ``prompt``), to which
-    ``encode_prompt`` lets the tokenizer add its own special tokens (e.g. ``<bos>``).
+    With the chat template: the turns and the generation prompt, rendered by the tokenizer's
+    template with ``chat_template_kwargs`` (e.g. Qwen3's ``enable_thinking``). Without it: the
+    contents joined by newlines, to which ``encode_prompt`` lets the tokenizer add its own
+    special tokens (e.g. ``<bos>``).
     """
     if use_chat_template:
         if not getattr(tokenizer, "chat_template", None):
@@ -106,12 +108,19 @@ def build_prompt_text(tokenizer, prompt: str, *, system_prompt: str | None = Non
                 "use_chat_template=True but the tokenizer has no chat_template "
                 f"({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)})"
             )
-        messages = []
-        if system_prompt is not None:
-            messages.append({"role": "system", "content": system_prompt})
-        messages.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt if system_prompt is None else f"{system_prompt}\n{prompt}"
+        return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=True,
+                                             **dict(chat_template_kwargs or {}))
+    return "\n".join(m["content"] for m in messages)
+
+
+def build_prompt_text(tokenizer, prompt: str, *, system_prompt: str | None = None, use_chat_template: bool = True,
+                      chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The exact text the model is conditioned on for the user text ``prompt``: a system turn
+    (if given), the user turn and the generation prompt (see ``render_messages``)."""
+    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    messages.append({"role": "user", "content": prompt})
+    return render_messages(tokenizer, messages, use_chat_template=use_chat_template,
+                           chat_template_kwargs=chat_template_kwargs)
 
 
 def encode_prompt(

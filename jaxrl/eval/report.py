@@ -1,5 +1,8 @@
 """The held-out before/after report: the starting checkpoint and the trained params evaluated
-on the same problems with the same sampling key (printed at the end of ``jaxrl train``)."""
+on every held-out set (``wiring.eval_sets``) with the same sampling key (printed at the end of
+``jaxrl train``). The starting checkpoint is loaded on the training mesh in ``model.dtype`` /
+``model.param_dtype``; every process of a multi-host job must call ``heldout_before_after``.
+With no held-out set the report is skipped with one line."""
 
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ from jaxrl import wiring
 from jaxrl.eval.evaluate import evaluate_records, load_eval_records
 from jaxrl.models import model_params
 
+SKIPPED = "held-out report skipped: no held-out set (set eval.files or eval.sets)"
+
 
 def heldout_metrics(params, model_cfg, tokenizer, cfg, *, seed: int, records=None, mesh=None) -> dict[str, float]:
-    """Greedy accuracy, pass@k, avg@k and mean greedy response length on the eval split.
-
-    The response length counts the tokens of the decoded greedy completion (no <eos>).
-    """
+    """Greedy accuracy, pass@k, avg@k, maj@k and mean greedy response length (tokens of the
+    decoded greedy completion, no <eos>) on ``records`` (default: the first held-out set)."""
     if records is None:
         records = load_eval_records(cfg, tokenizer)
     report = evaluate_records(params, model_cfg, tokenizer, records, cfg, key=jax.random.PRNGKey(10_000 + seed),
@@ -26,6 +29,7 @@ def heldout_metrics(params, model_cfg, tokenizer, cfg, *, seed: int, records=Non
         "greedy_accuracy": summary["greedy_accuracy"],
         "pass_at_k": summary["pass_at_k"],
         "avg_at_k": summary["avg_at_k"],
+        "maj_at_k": summary["maj_at_k"],
         "k": summary["k"],
         "mean_response_length": float(np.mean(lengths)),
         "num_problems": summary["num_problems"],
@@ -39,24 +43,36 @@ def initial_policy(cfg, mesh=None):
 
 
 def format_before_after(before: dict, after: dict) -> str:
-    """A two-row table of held-out metrics before and after training."""
-    k = before["k"]
-    lines = [
-        f"held-out ({before['num_problems']} problems) | greedy acc | pass@{k} | mean response length",
-        f"before training           | {before['greedy_accuracy']:10.3f} | {before['pass_at_k']:6.3f} | "
-        f"{before['mean_response_length']:8.1f}",
-        f"after training            | {after['greedy_accuracy']:10.3f} | {after['pass_at_k']:6.3f} | "
-        f"{after['mean_response_length']:8.1f}",
-    ]
+    """A table of held-out metrics before and after training, two rows per set.
+
+    ``before`` / ``after``: {set name: ``heldout_metrics``} (a bare metrics dict is one set)."""
+    if "k" in before:
+        before, after = {"held-out": before}, {"held-out": after}
+    lines = []
+    for name in before:
+        k = before[name]["k"]
+        lines.append(f"{name} ({before[name]['num_problems']} problems) | greedy acc | pass@{k} | maj@{k} | "
+                     f"mean response length")
+        for label, metrics in (("before training", before[name]), ("after training", after[name])):
+            lines.append(f"{label:<24} | {metrics['greedy_accuracy']:10.3f} | {metrics['pass_at_k']:6.3f} | "
+                         f"{metrics['maj_at_k']:5.3f} | {metrics['mean_response_length']:8.1f}")
     return "\n".join(lines)
 
 
 def heldout_before_after(cfg, params_after, *, seed: int | None = None, mesh=None) -> tuple[dict, dict, str]:
-    """Evaluates the config's starting checkpoint and ``params_after`` on the same held-out
-    problems with the same sampling key; returns (before, after, table text)."""
+    """Evaluates the config's starting checkpoint and ``params_after`` on every held-out set
+    with the same sampling key; returns ({set: before}, {set: after}, table text), or
+    ({}, {}, ``SKIPPED``) when there is no held-out set."""
+    sets = wiring.eval_sets(cfg)
+    if not sets:
+        return {}, {}, SKIPPED
     seed = cfg.run.seed if seed is None else seed
     params_before, model_cfg, tokenizer = initial_policy(cfg, mesh)
-    records = load_eval_records(cfg, tokenizer)
-    before = heldout_metrics(params_before, model_cfg, tokenizer, cfg, seed=seed, records=records, mesh=mesh)
-    after = heldout_metrics(params_after, model_cfg, tokenizer, cfg, seed=seed, records=records, mesh=mesh)
+    before, after = {}, {}
+    for eval_set in sets:
+        records = load_eval_records(cfg, tokenizer, eval_set)
+        before[eval_set.name] = heldout_metrics(params_before, model_cfg, tokenizer, cfg, seed=seed,
+                                                records=records, mesh=mesh)
+        after[eval_set.name] = heldout_metrics(params_after, model_cfg, tokenizer, cfg, seed=seed,
+                                               records=records, mesh=mesh)
     return before, after, format_before_after(before, after)

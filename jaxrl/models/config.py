@@ -23,6 +23,34 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
+def _id_tuple(value: Any, where: str) -> tuple[int, ...]:
+    """An HF token-id field (None, an int or a list of ints) as a tuple of ints."""
+    if value is None:
+        return ()
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{where} must be a non-negative int or a list of them, got {value!r}")
+    return tuple(values)
+
+
+def merge_ids(*groups: tuple[int, ...]) -> tuple[int, ...]:
+    """The ids of all groups in order of first appearance, each once."""
+    return tuple(dict.fromkeys(i for group in groups for i in group))
+
+
+def generation_eos_ids(model_dir: str) -> tuple[int, ...]:
+    """``eos_token_id`` of ``model_dir/generation_config.json`` as a tuple (() when absent)."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return ()
+    with open(path) as handle:
+        try:
+            generation = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: invalid JSON ({error.msg})") from None
+    return _id_tuple(generation.get("eos_token_id"), f"{path} eos_token_id")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of the decoder; hashable, so it can be a static jit argument.
@@ -121,7 +149,12 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF interop
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> "ModelConfig":
-        """Build from an HF config.json (a dict, the file, or its directory)."""
+        """Build from an HF config.json (a dict, the file, or its directory).
+
+        Read from a file, the stop ids are config.json's ``eos_token_id`` followed by those of
+        a ``generation_config.json`` beside it (instruct models list end-of-turn ids there).
+        """
+        generation_eos: tuple[int, ...] = ()
         if not isinstance(hf, Mapping):
             path = os.fspath(hf)
             if os.path.isdir(path):
@@ -130,6 +163,7 @@ class ModelConfig:
                 raise FileNotFoundError(f"HF config not found: {path}")
             with open(path) as f:
                 hf = json.load(f)
+            generation_eos = generation_eos_ids(os.path.dirname(path))
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -153,9 +187,8 @@ class ModelConfig:
             )
         if hf.get("use_sliding_window"):
             raise ValueError("config.json use_sliding_window=true is not supported")
-        eos = hf.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = tuple(eos)
+        eos = merge_ids(_id_tuple(hf.get("eos_token_id"), "config.json eos_token_id"), generation_eos)
+        eos = None if not eos else eos[0] if len(eos) == 1 and not isinstance(hf.get("eos_token_id"), list) else eos
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         else:

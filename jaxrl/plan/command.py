@@ -17,6 +17,11 @@ from jaxrl.plan.memory import PlanSettings
 DESCRIPTION = "Memory planner: per-device bytes of one RL step, whether it fits, and which knob to turn."
 
 
+def _has_heldout(cfg) -> bool:
+    """Whether the run ends with the held-out report (a second params copy)."""
+    return bool(cfg.eval.files or cfg.eval.sets or cfg.data.source == "synthetic")
+
+
 def settings_from_config(cfg) -> tuple[ModelConfig, PlanSettings]:
     """(model shapes, settings) from a jaxrl ConfigDict (see jaxrl.config.base_config)."""
     model = resolve_model(cfg.model.path)
@@ -31,6 +36,7 @@ def settings_from_config(cfg) -> tuple[ModelConfig, PlanSettings]:
         logprob_chunk=int(cfg.rl.logprob_chunk_size),
         sampling_rows=min(rows, int(cfg.sampling.max_rows_per_call)) if cfg.sampling.max_rows_per_call > 0 else rows,
         reference_model=float(cfg.rl.loss.kl_coef) > 0,
+        eval_rows=int(cfg.eval.batch_prompts) * int(cfg.eval.num_samples) if _has_heldout(cfg) else 0,
     )
     return model, settings
 
@@ -75,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name):
             changes[name] = tuple(int(x) for x in getattr(args, name).split(","))
     settings = dataclasses.replace(settings, **changes)
-    result = plan(model, settings, parse_hardware(args.hardware))
+    try:
+        result = plan(model, settings, parse_hardware(args.hardware))
+    except ValueError as error:  # unknown hardware, a mesh that does not fit it: one line, exit 2
+        parser.error(str(error))
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
     else:

@@ -47,12 +47,15 @@ HARDWARE_KINDS: dict[str, tuple[float, bool]] = {
 
 
 def parse_hardware(spec: str) -> Hardware:
-    """Hardware from a name: TPU "v5p-128" / "v5e-256" / "v4-64" / "v6e-8", GPU "h100x8" / "8xh200".
+    """Hardware from a name: TPU "v5p-128" / "v5e-256" / "v4-64" / "v6e-8", GPU "h100x8" / "8xh200",
+    or a bare kind for one device ("h100", "cpu": one 16 GiB host device).
 
     TPU v4 / v5p slice names count TensorCores (2 per chip; one JAX device per chip), so
     v5p-128 is 64 devices; v5e / v6e names count chips.
     """
     text = spec.strip().lower()
+    if text in HARDWARE_KINDS and not text.startswith("v"):  # a bare GPU / cpu name: one device
+        return Hardware(spec, text, 1, int(HARDWARE_KINDS[text][0] * GIB))
     match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", text)
     if match:
         kind, count = match.group(1), int(match.group(2))

@@ -61,7 +61,10 @@ class PlanSettings:
     sampling_mesh: mesh of the sampler, None = the training mesh (same arrays, no copy).
     sampling_dtype: dtype of the sampler's weights; a copy is kept when it differs from
       ``param_dtype`` or the sampling mesh differs. kv_dtype: KV-cache dtype (None = dtype).
-    reference_model: keep a frozen reference (KL) in ``dtype`` with the training sharding.
+    reference_model: keep a frozen reference (KL): a copy of the params (``param_dtype``, the
+      training sharding), as the loop holds it.
+    eval_rows: rows decoded at once by the end-of-run report, which loads a second copy of the
+      starting params next to the trained state (0 = no report phase).
     attention: "jnp" (materialises [b, Hq, S, S] float32 scores, what the trainer runs
       today) or "flash" (a blocked kernel; scores O(b·Hq·S·block)).
     """
@@ -81,6 +84,7 @@ class PlanSettings:
     kv_dtype: str | None = None
     reference_model: bool = False
     attention: str = "jnp"
+    eval_rows: int = 0
 
     def __post_init__(self):
         if self.remat not in ("none", "full", "dots"):
@@ -230,7 +234,7 @@ def estimate(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware)
     comps["params"] = param_elems * p
     comps["optimizer_state"] = 2 * param_elems * p
     if settings.reference_model:
-        comps["reference_params"] = param_elems * c
+        comps["reference_params"] = param_elems * p
     sampling_dtype = settings.sampling_dtype or settings.param_dtype
     sampling_sizes = sizes
     notes: list[str] = []
@@ -261,6 +265,11 @@ def estimate(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware)
     sample = persistent + comps["kv_cache"] + comps["decode_logits"]
 
     peak = max(train, sample)
+    if settings.eval_rows:  # end-of-run report: trained state + starting params + eval KV cache
+        eval_rows = _rows_per_device(settings.eval_rows, sampling_sizes)
+        comps["report_params_copy"] = param_elems * p
+        comps["report_kv_cache"] = comps["kv_cache"] * eval_rows // max(rows, 1)
+        peak = max(peak, persistent + comps["report_params_copy"] + comps["report_kv_cache"])
     fits = peak <= hardware.usable_bytes
     if settings.attention == "jnp" and comps["activations_live"] > 0.25 * hardware.usable_bytes:
         notes.append("attention scores [b, H/tensor, S, S] float32 dominate: the trainer's jnp "

@@ -177,13 +177,17 @@ def grade(completion: str, gold: str, policy: GradingPolicy = DEFAULT_POLICY) ->
 
 
 def _gold_of(example: Mapping[str, Any]) -> str:
-    if "answer" not in example:
-        raise KeyError("math rewarder needs the gold answer in example['answer']")
-    return str(example["answer"])
+    """The gold answer: ``example["gold"]`` (what the data layer extracted and normalised,
+    ``jaxrl.data.presets.GOLD_KEY``), else ``example["answer"]`` for hand-built examples."""
+    for key in ("gold", "answer"):
+        if example.get(key) is not None:
+            return str(example[key])
+    raise KeyError("math rewarder needs the gold answer in example['gold'] (set data.preset / "
+                   "data.answer_field so the data layer finds it)")
 
 
 def math_reward(prompt: str, completion: str, example: Mapping[str, Any]) -> float:
-    """Rewarder: 1.0 if ``grade(completion, example['answer'])`` else 0.0 (``prompt`` unused)."""
+    """Rewarder: 1.0 if ``grade(completion, example['gold'])`` else 0.0 (``prompt`` unused)."""
     return 1.0 if grade(completion, _gold_of(example), DEFAULT_POLICY) else 0.0
 
 

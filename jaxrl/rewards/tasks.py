@@ -55,7 +55,9 @@ def parse_countdown(completion: str) -> CountdownParse | None:
 
 
 def _example_problem(example: Mapping) -> tuple[list[int], int]:
-    """Reads ``numbers`` and ``target`` from a dataset row, naming the key that is wrong."""
+    """Reads ``numbers`` and ``target`` from a dataset row (``example["row"]`` when the data
+    layer wrapped it, else ``example`` itself), naming the key that is wrong."""
+    example = example.get("row") or example
     for key in ("numbers", "target"):
         if key not in example:
             raise KeyError(f"countdown example is missing the field {key!r} (has {sorted(example)})")
