@@ -174,12 +174,12 @@ def test_logprob_gap_k3_is_the_sampler_to_trainer_kl():
     drawn from the sampler it estimates the exact KL(sampler ‖ trainer) (float64) within 4
     standard errors."""
     trainer = np.log(np.array([[0.5, 0.2, 0.9]], np.float32))
-    sampler = np.log(np.array([[0.25, 0.4, 0.9]], np.float32))
+    sampler = np.log(np.array([[0.25, 0.25, 0.1]], np.float32))
     mask = np.array([[1, 1, 0]], np.float32)
     m = train_optimise.logprob_gap_metrics(trainer, sampler, mask)
-    deltas = np.log([2.0, 0.5])
-    assert float(m["logprob_gap/kl_k3"]) == pytest.approx(np.mean(np.expm1(deltas) - deltas), rel=1e-6)
-    assert float(m["logprob_gap/mean"]) == pytest.approx(0.0, abs=1e-7)
+    # Δ = ln 2, ln 0.8: (2 − 1 − ln 2 + 0.8 − 1 − ln 0.8) / 2 = (0.8 − ln 1.6) / 2 ≈ 0.165
+    assert float(m["logprob_gap/kl_k3"]) == pytest.approx((0.8 - np.log(1.6)) / 2, rel=1e-5)
+    assert float(m["logprob_gap/mean"]) == pytest.approx(np.log(1.6) / 2, rel=1e-5)
     assert float(m["logprob_gap/abs_max"]) == pytest.approx(np.log(2.0), rel=1e-6)
 
     rng = np.random.default_rng(0)
