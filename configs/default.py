@@ -26,6 +26,7 @@ def get_config():
     cfg.rl.micro_batch_rows = 32
     cfg.rl.lr = 5e-4
     cfg.rl.dynamic_sampling = True
+    cfg.rl.dynamic_sampling_metric = "acc"  # DAPO: filter groups on correctness, not shaped reward
     cfg.rl.loss.clip_eps_high = 0.28
     cfg.rl.loss.token_mask = "top"  # forking tokens: top-rho entropy tokens only
     cfg.rl.loss.entropy_rho = 0.2

@@ -42,6 +42,7 @@ def dapo_forking(cfg, model_path: str, name: str):
     cfg.rl.epochs = 1
     cfg.rl.lr = 1e-6
     cfg.rl.dynamic_sampling = True
+    cfg.rl.dynamic_sampling_metric = "acc"  # DAPO: filter groups on correctness, not shaped reward
     cfg.rl.max_sampling_rounds = 3
     cfg.rl.overlong_filter = False
     cfg.rl.logprob_chunk_size = 512
@@ -55,7 +56,8 @@ def dapo_forking(cfg, model_path: str, name: str):
     cfg.rl.loss.entropy_rho = 0.2
     cfg.rl.loss.mask_scope = "batch"
     cfg.rl.loss.mask_normalizer = "all_tokens"
-    cfg.rl.loss.entropy_source = "train"
+    cfg.rl.loss.entropy_source = "step_start"
+    cfg.rl.loss.mask_rule = "quantile"
     cfg.optim.warmup_steps = 10
     cfg.optim.schedule = "constant"
     cfg.optim.weight_decay = 0.1

@@ -134,3 +134,21 @@ def test_dispatch_and_errors():
         adv.compute_advantages("ppo", rewards, gids)
     with pytest.raises(ValueError, match="scale"):
         adv.grpo_advantages(rewards, gids, scale="std")
+
+
+@pytest.mark.parametrize("value", [0.7, 1.1, 0.1])
+def test_equal_non_binary_rewards_give_exactly_zero(value):
+    """Sixteen equal rewards whose float32 mean is not the value itself: every group-baseline
+    estimator gives exactly 0 (hand-worked: R − mean = 0 when max = min)."""
+    rewards = np.array([value] * 16 + [0.0, 1.0, 0.5, 0.5], np.float32)
+    group_ids = np.array([0] * 16 + [1] * 4)
+    equal = slice(0, 16)
+    for eps in (1e-6, 0.0):
+        for scale in ("group", "batch", "none"):
+            got = np.asarray(adv.grpo_advantages(rewards, group_ids, scale=scale, eps=eps))
+            np.testing.assert_array_equal(got[equal], 0.0, err_msg=f"{scale} eps={eps}")
+            assert np.abs(got[16:]).max() > 0.1  # the varied group still gets a signal
+    np.testing.assert_array_equal(np.asarray(adv.rloo_advantages(rewards, group_ids))[equal], 0.0)
+    np.testing.assert_array_equal(np.asarray(adv.dr_grpo_advantages(rewards, group_ids))[equal], 0.0)
+    for name in ("grpo", "dr_grpo", "rloo"):
+        np.testing.assert_array_equal(np.asarray(adv.compute_advantages(name, rewards, group_ids))[equal], 0.0)

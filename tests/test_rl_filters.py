@@ -4,9 +4,12 @@ import jax
 import numpy as np
 import pytest
 
+from jaxrl.config import base_config
+from jaxrl.rl.advantages import AdvantageConfig
 from jaxrl.rl.filters import DynamicSamplingAccumulator, overlong_filter, reward_variance_keep_mask
 from jaxrl.rl.losses import LossConfig, policy_loss
-from jaxrl.types import FINISH_LENGTH, FINISH_STOP
+from jaxrl.train import rollouts
+from jaxrl.types import FINISH_LENGTH, FINISH_STOP, Scored
 
 
 def np_keep(rewards, group_ids):
@@ -97,3 +100,58 @@ def test_overlong_filter_hand_worked_and_in_loss():
     assert float(loss) == pytest.approx(-(3 * 1 + 2) / 4)
     loss, _ = policy_loss(logp, logp, adv, filtered, LossConfig(aggregation="seq-mean-token-mean"))
     assert float(loss) == pytest.approx(-(1 + 2) / 2)
+
+
+def _scored(rewards, correct, group_ids):
+    n = len(rewards)
+    return Scored(rollout=None, rewards=np.asarray(rewards, np.float32), correct=np.asarray(correct, np.float32),
+                  components={"correct": np.asarray(correct, np.float32)}, lengths=np.ones(n, np.int32),
+                  finish_reason=np.zeros(n, np.int32), group_ids=np.asarray(group_ids, np.int32))
+
+
+def test_dynamic_sampling_filters_on_accuracy_by_default():
+    """DAPO filters on correctness: a group whose 4 answers are all correct but one of which
+    lost 0.25 to the overlong penalty has no accuracy spread and is dropped; with
+    rl.dynamic_sampling_metric='reward' it is kept (hand-worked)."""
+    cfg = base_config()
+    assert cfg.rl.dynamic_sampling_metric == "acc"
+    # group 0: all correct, one overlong-penalised; group 1: 2 of 4 correct; group 2: all wrong.
+    scored = _scored([1, 1, 1, 0.75, 1, 0, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0],
+                     [0] * 4 + [1] * 4 + [2] * 4)
+    kept = {}
+    for metric in ("acc", "reward"):
+        cfg.rl.dynamic_sampling_metric = metric
+        acc = DynamicSamplingAccumulator(target_groups=3)
+        acc.add({"row": np.arange(12)}, scored.rewards, scored.group_ids,
+                filter_values=rollouts.filter_metric(cfg, scored))
+        rows, rewards, _ = acc.result(allow_partial=True)
+        kept[metric] = list(rows["row"])
+        assert list(rewards) == list(scored.rewards[rows["row"]])  # advantages still see total rewards
+    assert kept["acc"] == [4, 5, 6, 7]
+    assert kept["reward"] == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_partial_batch_advantages_ignore_padding_rows():
+    """A short dynamic-sampling batch (2 of 3 groups): advantages equal the float64 GRPO of the
+    real rows alone; the batch-scale std does not count the padding rows' zero rewards."""
+    cfg = base_config()
+    cfg.rl.prompts_per_step, cfg.rl.samples_per_prompt = 3, 4
+    collector = rollouts.Collector(backend=None, data=None, rewards=None, tokenizer=None, cfg=cfg,
+                                   row_sharding=None)
+    rewards = np.array([2.0, 3.0, 2.5, 2.0, 4.0, 3.0, 3.0, 3.5], np.float32)
+    kept = _scored(rewards, np.zeros(8), [0] * 4 + [1] * 4)
+    captured = {}
+
+    def build(rollout, index, live, advantages, group_ids):
+        captured.update(index=index, live=live, advantages=advantages, group_ids=group_ids)
+        return None, None
+
+    _, _, real = rollouts.make_train_batch(collector, AdvantageConfig(grpo_scale="batch", eps=0.0), build, kept)
+    assert real == 8
+    r = rewards.astype(np.float64)
+    means = np.repeat([r[:4].mean(), r[4:].mean()], 4)
+    want = (r - means) / np.std(r, ddof=1)
+    np.testing.assert_allclose(captured["advantages"][:8], want, rtol=1e-5)
+    np.testing.assert_array_equal(captured["advantages"][8:], 0.0)
+    np.testing.assert_array_equal(captured["live"], [True] * 8 + [False] * 4)
+    np.testing.assert_array_equal(captured["group_ids"][8:], 3)

@@ -8,11 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl.rl.losses import LossConfig, policy_loss, select_tokens
-from jaxrl.rl.token_masks import forking_token_mask
+from jaxrl.rl.losses import LossConfig, policy_loss
 
 # One compiled function per (config, shapes): much cheaper than op-by-op dispatch.
 loss_fn = jax.jit(policy_loss, static_argnums=4)
+
+
+def np_select(entropy, mask, cfg):
+    """Forking-token selection in float64 NumPy, independent of jaxrl.rl.token_masks:
+    quantile rule = TRL's get_high_entropy_mask (torch.quantile, linear), keep H ≥ τ."""
+    valid = mask > 0
+    if cfg.token_mask == "all":
+        return valid
+    tau = np.quantile(entropy.astype(np.float64)[valid], 1 - cfg.entropy_rho, method="linear")
+    top = valid & (entropy >= tau)
+    return top if cfg.token_mask == "top" else valid & ~top
 
 
 def np_reference(logp, old, adv, mask, cfg, ref=None, entropy=None, select=None):
@@ -60,6 +70,8 @@ def np_reference(logp, old, adv, mask, cfg, ref=None, entropy=None, select=None)
         d = np.clip(ref.astype(np.float64) - logp, -cfg.kl_delta_clamp, cfg.kl_delta_clamp)
         kl = {"k1": -d, "k2": d**2 / 2, "k3": np.exp(d) - d - 1}[cfg.kl_type]
         kl = np.clip(kl, -cfg.kl_value_clamp, cfg.kl_value_clamp) * valid
+        if cfg.kl_ratio_correction:  # TRL use_bias_correction_kl: per_token_kl * coef_1
+            kl = kl * np.exp(np.clip(np.where(valid, logp - old, 0), -cfg.log_ratio_clamp, cfg.log_ratio_clamp))
         loss += cfg.kl_coef * agg(kl, valid)
     if cfg.entropy_coef:
         loss -= cfg.entropy_coef * agg(entropy.astype(np.float64) * valid, valid)
@@ -95,6 +107,8 @@ _CASES = [  # (cfg, b, t, token-level advantages)
     (LossConfig(token_mask="top", entropy_rho=0.3), 5, 9, False),
     (LossConfig(token_mask="bottom", mask_normalizer="selected_tokens", aggregation="seq-mean-token-mean"), 4, 10, False),
     (LossConfig(token_mask="top", mask_normalizer="selected_tokens", dual_clip_c=3.0, kl_coef=0.1), 6, 8, True),
+    (LossConfig(kl_coef=0.2, kl_ratio_correction=True), 5, 9, False),
+    (LossConfig(kl_coef=0.1, kl_ratio_correction=True, aggregation="seq-mean-token-mean", token_mask="top"), 4, 7, True),
 ]
 
 
@@ -103,11 +117,7 @@ def test_matches_float64_reference(case):
     cfg, b, t, token_adv = _CASES[case]
     logp, old, adv, mask, ref, entropy = _batch(case, b, t, token_adv)
     loss, metrics = loss_fn(logp, old, adv, mask, cfg, ref_logp=ref, entropy=entropy)
-    select = None
-    if cfg.token_mask != "all":
-        select, _ = forking_token_mask(entropy, mask, rho=cfg.entropy_rho, mode=cfg.token_mask)
-        select = np.asarray(select)
-    want_loss, want_pg = np_reference(logp, old, adv, mask, cfg, ref, entropy, select)
+    want_loss, want_pg = np_reference(logp, old, adv, mask, cfg, ref, entropy, np_select(entropy, mask, cfg))
     np.testing.assert_allclose(float(loss), want_loss, atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(float(metrics["pg_loss"]), want_pg, atol=1e-6, rtol=1e-6)
     assert all(v.shape == () and v.dtype == jnp.float32 for v in metrics.values())
@@ -141,11 +151,15 @@ def test_forking_mask_normalisers_hand_worked():
     mask = np.array([[1, 1, 1, 1, 1, 0]], np.float32)
     entropy = np.array([[0.1, 0.9, 0.5, 0.3, 0.0, 9.0]], np.float32)
     adv = np.ones((1,), np.float32)
-    cfg = LossConfig(token_mask="top", entropy_rho=0.4)  # k = 2: tokens 1 and 2
+    # Sorted population 0 0.1 0.3 0.5 0.9; the 0.6-quantile sits at position 2.4:
+    # τ = 0.3 + 0.4·0.2 = 0.38, so tokens 1 (0.9) and 2 (0.5) are kept.
+    cfg = LossConfig(token_mask="top", entropy_rho=0.4)
     loss, m = loss_fn(logp, logp, adv, mask, cfg, entropy=entropy)
     assert float(loss) == pytest.approx(-2 / 5)  # all-token normaliser (the paper)
     assert float(m["selected_fraction"]) == pytest.approx(0.4)
-    assert float(m["entropy_threshold"]) == pytest.approx(0.5)
+    assert float(m["entropy_threshold"]) == pytest.approx(0.38)
+    count = dataclasses.replace(cfg, mask_rule="count")  # k = ⌈0.4·5⌉ = 2: the same tokens, τ = 0.5
+    assert float(loss_fn(logp, logp, adv, mask, count, entropy=entropy)[1]["entropy_threshold"]) == pytest.approx(0.5)
     assert float(m["entropy_mean"]) == pytest.approx(1.8 / 5)
     assert float(m["entropy_selected_mean"]) == pytest.approx(0.7)
     sel_cfg = dataclasses.replace(cfg, mask_normalizer="selected_tokens")
@@ -155,7 +169,7 @@ def test_forking_mask_normalisers_hand_worked():
     # rollout entropy source: the mask follows rollout_entropy, not entropy.
     roll = dataclasses.replace(cfg, entropy_source="rollout")
     _, m = loss_fn(logp, logp, adv, mask, roll, entropy=entropy, rollout_entropy=np.array([[0, 0, 0, 0.8, 0.6, 0]], np.float32))
-    assert float(m["entropy_threshold"]) == pytest.approx(0.6)
+    assert float(m["entropy_threshold"]) == pytest.approx(0.24)  # sorted 0 0 0 .6 .8, position 2.4: 0.4·0.6
 
 
 def test_ppo_and_cispo_gradients_match_analytic():
@@ -212,12 +226,13 @@ def test_masks_stop_pg_gradient_but_not_kl_or_entropy():
     ids=lambda c: f"{c.aggregation}-{c.mask_normalizer}",
 )
 def test_micro_batches_with_global_normalisers_sum_to_full_batch(cfg):
+    """Σ over micro-batches (with the mini-batch normalisers) = the float64 reference of the
+    whole batch. float32 sums of ≤ 54 terms of size ≤ ~10: error ≲ 1e-5 absolute."""
     logp, old, adv, mask, ref, entropy = _batch(14, 6, 9)
     mask[3] = 0  # a fully filtered row is not a sequence for seq-mean
-    select, _ = select_tokens(cfg, mask, train_entropy=entropy)
-    select = np.asarray(select)
+    select = np_select(entropy, mask, cfg)
+    want, _ = np_reference(logp, old, adv, mask, cfg, ref, entropy, select)
     kwargs = lambda rows: dict(ref_logp=ref[rows], entropy=entropy[rows], token_select=select[rows])
-    full, _ = loss_fn(logp, old, adv, mask, cfg, **kwargs(slice(None)))
     rows_present = int((mask.sum(-1) > 0).sum())
     normalisers = dict(
         num_tokens=mask.sum(), num_selected_tokens=select.sum(),
@@ -226,7 +241,7 @@ def test_micro_batches_with_global_normalisers_sum_to_full_batch(cfg):
     for rows in (slice(0, 2), slice(2, 6)):
         part, _ = loss_fn(logp[rows], old[rows], adv[rows], mask[rows], cfg, **kwargs(rows), **normalisers)
         total += float(part)
-    assert total == pytest.approx(float(full), abs=1e-6)
+    assert total == pytest.approx(want, abs=1e-5)
 
 
 def test_config_is_static_and_validated():
@@ -243,6 +258,9 @@ def test_config_is_static_and_validated():
         (dict(clip_eps_high=-0.1), "clip_eps_high"), (dict(dual_clip_c=1.0), "dual_clip_c"),
         (dict(aggregation="seq-mean-token-sum-norm"), "norm_constant"),
         (dict(cispo_eps_max=0.0), "cispo_eps_max"), (dict(kl_coef=-1.0), "kl_coef"),
+        (dict(entropy_source="train"), "entropy_source"), (dict(mask_rule="sort"), "mask_rule"),
+        (dict(kl_cov_ratio=0.0), "kl_cov_ratio"), (dict(clip_cov_ratio=1.5), "clip_cov_ratio"),
+        (dict(clip_cov_low=5.0, clip_cov_high=1.0), "clip_cov_low"), (dict(kl_cov_coef=-1.0), "kl_cov_coef"),
     ]
     for kwargs, field in bad:
         with pytest.raises(ValueError, match=field):
@@ -255,7 +273,105 @@ def test_missing_inputs_name_what_is_needed():
         policy_loss(logp, old, adv, mask, LossConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="entropy"):
         policy_loss(logp, old, adv, mask, LossConfig(entropy_coef=0.1))
-    with pytest.raises(ValueError, match="train entropies"):
+    with pytest.raises(ValueError, match="trainer entropies"):
         policy_loss(logp, old, adv, mask, LossConfig(token_mask="top"))
     with pytest.raises(ValueError, match="rollout entropies"):
         policy_loss(logp, old, adv, mask, LossConfig(token_mask="top", entropy_source="rollout"))
+
+
+def _trl_grpo_loss_and_grad(logp, old, adv, mask, ref, beta, eps_low, eps_high):
+    """TRL GRPOTrainer._compute_loss in float64 (TRL 1.x docs, "GRPO Trainer": loss_type
+    "dapo"/"bnpo", use_bias_correction_kl=True): coef_1 = exp(logp − old), coef_2 = clamp(coef_1,
+    1 − ε_low, 1 + ε_high), per_token_kl = (exp(ref − logp) − (ref − logp) − 1) · coef_1,
+    per_token_loss = −min(coef_1·A, coef_2·A) + β·per_token_kl, loss = Σ mask·ℓ / Σ mask.
+    Returns (loss, d loss / d logp) with the gradient worked by hand."""
+    logp, old, ref = (x.astype(np.float64) for x in (logp, old, ref))
+    a = adv.astype(np.float64)[:, None]
+    valid = mask > 0
+    n = valid.sum()
+    r = np.exp(np.where(valid, logp - old, 0))
+    d = ref - logp
+    k3 = np.exp(d) - d - 1
+    surrogate = -np.minimum(r * a, np.clip(r, 1 - eps_low, 1 + eps_high) * a)
+    loss = np.sum(np.where(valid, surrogate + beta * k3 * r, 0)) / n
+    unclipped = r * a <= np.clip(r, 1 - eps_low, 1 + eps_high) * a
+    grad = np.where(unclipped, -r * a, 0) + beta * (r * (1 - np.exp(d)) + k3 * r)
+    return loss, np.where(valid, grad / n, 0)
+
+
+def test_bias_corrected_kl_matches_trl_value_and_gradient():
+    logp, old, adv, mask, ref, _ = _batch(21, 4, 8, spread=0.3)
+    cfg = LossConfig(kl_coef=0.04, kl_ratio_correction=True, clip_eps_low=0.2, clip_eps_high=0.28)
+    want_loss, want_grad = _trl_grpo_loss_and_grad(logp, old, adv, mask, ref, 0.04, 0.2, 0.28)
+    value_and_grad = jax.value_and_grad(lambda lp: loss_fn(lp, old, adv, mask, cfg, ref_logp=ref)[0])
+    loss, grad = value_and_grad(logp)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-7)
+    # Without the correction the KL term differs (TRL's use_bias_correction_kl=False).
+    plain = dataclasses.replace(cfg, kl_ratio_correction=False)
+    assert abs(float(loss_fn(logp, old, adv, mask, plain, ref_logp=ref)[0]) - want_loss) > 1e-5
+
+
+def _np_cov(logp, adv, valid):
+    lp, a = logp.astype(np.float64)[valid], np.broadcast_to(adv.astype(np.float64)[:, None], logp.shape)[valid]
+    out = np.zeros(logp.shape)
+    out[valid] = (lp - lp.mean()) * (a - a.mean())
+    return out
+
+
+def test_kl_cov_matches_float64_reference():
+    """Cui et al. 2025 (KL-Cov; verl compute_policy_loss_kl_cov): ℓ = −A·r, plus β·|logp − old|
+    on the max(1, ⌊k·N⌋) tokens with the largest Cov = (logp − mean)(A − mean); token-mean."""
+    logp, old, adv, mask, _, _ = _batch(22, 6, 10, spread=0.3)
+    valid = mask > 0
+    cfg = LossConfig(loss_type="kl_cov", kl_cov_ratio=0.1, kl_cov_coef=0.7)
+    cov = _np_cov(logp, adv, valid)
+    n = int(valid.sum())
+    k = max(1, int(n * 0.1))
+    flat = np.where(valid, cov, -np.inf).ravel()
+    chosen = np.zeros(flat.shape, bool)
+    chosen[np.argsort(-flat, kind="stable")[:k]] = True
+    chosen = chosen.reshape(cov.shape)
+    lr = logp.astype(np.float64) - old
+    r = np.exp(lr)
+    per_token = -adv[:, None] * r + np.where(chosen, 0.7 * np.abs(lr), 0.0)
+    want = np.sum(np.where(valid, per_token, 0)) / n
+    loss, m = loss_fn(logp, old, adv, mask, cfg)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6, atol=1e-6)
+    assert float(m["cov_selected_fraction"]) == pytest.approx(k / n)
+
+
+def test_clip_cov_zeroes_only_covariance_band_tokens():
+    """Clip-Cov (Cui et al. 2025; verl compute_policy_loss_clip_cov): among tokens PPO does not
+    clip with ω_low < Cov < ω_high, max(1, ⌊r·N⌋) lose their loss; the rest is PPO-clip."""
+    logp, old, adv, mask, _, _ = _batch(23, 6, 12, spread=0.3)
+    adv = adv * 4.0  # widen Cov so that the band (0.2, 2) holds several tokens
+    valid = mask > 0
+    cov = _np_cov(logp, adv, valid)
+    lr = logp.astype(np.float64) - old
+    r = np.exp(lr)
+    a = adv[:, None].astype(np.float64)
+    ppo = np.maximum(-a * r, -a * np.clip(r, 0.8, 1.2))
+    candidates = valid & (ppo == -a * r) & (cov > 0.2) & (cov < 2.0)
+    assert candidates.sum() >= 3
+    n = int(valid.sum())
+    for ratio in (1.0, 2.5 / n):  # every candidate, then exactly two of them
+        cfg = LossConfig(loss_type="clip_cov", clip_cov_ratio=ratio, clip_cov_low=0.2, clip_cov_high=2.0)
+        zeroed = min(max(1, int(ratio * n)), int(candidates.sum()))
+        loss, m = loss_fn(logp, old, adv, mask, cfg)
+        assert float(m["cov_selected_fraction"]) == pytest.approx(zeroed / n)
+        if ratio == 1.0:
+            want = np.sum(np.where(valid & ~candidates, ppo, 0)) / n
+            np.testing.assert_allclose(float(loss), want, rtol=1e-6, atol=1e-6)
+        grad = np.asarray(jax.grad(lambda lp: loss_fn(lp, old, adv, mask, cfg)[0])(logp))
+        no_grad = valid & (grad == 0) & (ppo == -a * r)  # unclipped tokens left without a gradient
+        assert no_grad.sum() == zeroed and not (no_grad & ~candidates).any()
+
+
+def test_entropy_collapse_metrics_match_float64():
+    logp, old, adv, mask, _, entropy = _batch(24, 5, 9, token_adv=True)
+    valid = mask > 0
+    _, m = loss_fn(logp, old, adv, mask, LossConfig(), entropy=entropy)
+    lp, a = logp.astype(np.float64)[valid], adv.astype(np.float64)[valid]
+    assert float(m["cov_logp_adv"]) == pytest.approx(np.mean((lp - lp.mean()) * (a - a.mean())), abs=1e-5)
+    assert float(m["entropy_mean"]) == pytest.approx(entropy.astype(np.float64)[valid].mean(), rel=1e-5)

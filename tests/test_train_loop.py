@@ -82,6 +82,7 @@ def tiny_config(model_dir: str, root: str, algorithm: str = "grpo", *, name: str
         cfg.rl.loss.token_mask = "top"
         cfg.rl.loss.entropy_rho = 0.2
         cfg.rl.dynamic_sampling = True
+        cfg.rl.dynamic_sampling_metric = "reward"  # a random policy is never correct: filter on the shaped reward
         cfg.rl.max_sampling_rounds = 2
         cfg.rewards.overlong_penalty = True
         cfg.rewards.overlong_buffer = 4

@@ -107,7 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.estimator = "grpo"  # advantage estimator (jaxrl.rl.advantages.ESTIMATORS)
     c.rl.grpo_scale = "group"  # grpo std scale: group | batch | none
     c.rl.positive_weight = 0.1  # W-REINFORCE λ
-    c.rl.dynamic_sampling = False  # DAPO: keep only groups whose rewards are not all equal
+    c.rl.dynamic_sampling = False  # DAPO: keep only groups with spread in rl.dynamic_sampling_metric
+    # Dynamic sampling keeps groups whose metric is not all equal: "acc" = correctness (the
+    # `correct` component >= rewards.correct_threshold; DAPO) | "reward" = total reward.
+    c.rl.dynamic_sampling_metric = "acc"
     c.rl.max_sampling_rounds = 3  # prompt batches drawn per step at most (dynamic sampling)
     c.rl.overlong_filter = False  # mask truncated responses out of the loss
     c.rl.old_logp_source = "trainer"  # trainer (recomputed) | sampler (strictly on-policy only)

@@ -36,6 +36,7 @@ _CHOICES = {
     "data.source": DATA_SOURCES,
     "data.overlong_prompts": ("skip", "truncate"),
     "rl.grpo_scale": GRPO_SCALES,
+    "rl.dynamic_sampling_metric": ("acc", "reward"),  # issue 12: the dynamic-sampling filter metric
     "rl.old_logp_source": OLD_LOGP_SOURCES,
     "optim.schedule": SCHEDULES,
     "checkpoint.resume": ("auto", "on", "off"),

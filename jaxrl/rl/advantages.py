@@ -82,7 +82,12 @@ def _group_sums(values: jax.Array, group_ids: jax.Array, num_groups: int) -> jax
 
 
 def _group_stats(rewards: jax.Array, group_ids: jax.Array, num_groups: int | None):
-    """Per-row group size, group mean and Bessel-corrected group std, each float32 [B]."""
+    """Per-row group size, group mean, Bessel-corrected group std and "group has spread"
+    (max > min), float32 [B] ×3 and bool [B].
+
+    The spread flag is exact: a group of equal rewards (e.g. sixteen 0.7s, whose float32 mean
+    is not exactly 0.7) has no spread even though ``rewards − mean`` is float32 noise.
+    """
     rewards = jnp.asarray(rewards, jnp.float32)
     group_ids = jnp.asarray(group_ids, jnp.int32)
     num_groups = rewards.shape[0] if num_groups is None else num_groups
@@ -93,7 +98,9 @@ def _group_stats(rewards: jax.Array, group_ids: jax.Array, num_groups: int | Non
     sq = _group_sums(centred * centred, group_ids, num_groups)[group_ids]
     # A singleton group has no spread: its std is 0 (and its centred reward is 0 too).
     stds = jnp.sqrt(sq / jnp.maximum(counts - 1.0, 1.0))
-    return counts, means, stds
+    group_max = jax.ops.segment_max(rewards, group_ids, num_segments=num_groups)[group_ids]
+    group_min = jax.ops.segment_min(rewards, group_ids, num_segments=num_groups)[group_ids]
+    return counts, means, stds, group_max > group_min
 
 
 def grpo_advantages(
@@ -109,13 +116,14 @@ def grpo_advantages(
     rewards: float [B]; group_ids: int [B] in [0, num_groups).
     scale: "group" divides by the Bessel-corrected std of the row's group; "batch" divides
       by the Bessel-corrected std of all B rewards (group mean, batch std); "none" does not
-      divide (Dr.GRPO). Rows whose std is exactly 0 get advantage 0.
+      divide (Dr.GRPO). Rows of a group whose rewards are all equal (max = min, exactly)
+      get advantage 0 in every mode, whatever float32 noise the group mean carries.
     """
     if scale not in GRPO_SCALES:
         raise ValueError(f"scale must be one of {GRPO_SCALES}, got {scale!r}")
     rewards = jnp.asarray(rewards, jnp.float32)
-    _, means, stds = _group_stats(rewards, group_ids, num_groups)
-    centred = rewards - means
+    _, means, stds, spread = _group_stats(rewards, group_ids, num_groups)
+    centred = jnp.where(spread, rewards - means, 0.0)
     if scale == "none":
         return centred
     if scale == "group":
@@ -123,8 +131,8 @@ def grpo_advantages(
     else:
         n = rewards.shape[0]
         std = jnp.sqrt(jnp.sum((rewards - rewards.mean()) ** 2) / max(n - 1, 1))
-    # A zero-spread group is exactly 0 (also with eps=0, and free of float32 noise in the mean).
-    return jnp.where(std > 0, centred / (std + eps), 0.0)
+    # A group with spread has std > 0; the guard only keeps eps = 0 from dividing 0 by 0.
+    return jnp.where(spread & (std > 0), centred / jnp.where(std > 0, std + eps, 1.0), 0.0)
 
 
 def dr_grpo_advantages(
@@ -137,11 +145,12 @@ def dr_grpo_advantages(
 def rloo_advantages(
     rewards: jax.Array, group_ids: jax.Array, *, num_groups: int | None = None
 ) -> jax.Array:
-    """RLOO: Â_i = R_i − mean_{j≠i, j∈g} R_j → float32 [B]; 0 for singleton groups."""
+    """RLOO: Â_i = R_i − mean_{j≠i, j∈g} R_j → float32 [B]; 0 for singleton groups and for
+    groups whose rewards are all equal."""
     rewards = jnp.asarray(rewards, jnp.float32)
-    counts, means, _ = _group_stats(rewards, group_ids, num_groups)
+    counts, means, _, spread = _group_stats(rewards, group_ids, num_groups)
     # R_i − (n·mean − R_i)/(n−1) = n/(n−1) · (R_i − mean)
-    return jnp.where(counts > 1, counts / jnp.maximum(counts - 1.0, 1.0) * (rewards - means), 0.0)
+    return jnp.where(spread, counts / jnp.maximum(counts - 1.0, 1.0) * (rewards - means), 0.0)
 
 
 def _is_correct(rewards: jax.Array, correct_threshold: float) -> jax.Array:

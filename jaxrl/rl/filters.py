@@ -1,4 +1,4 @@
-"""DAPO batch filters: dynamic sampling (drop zero-variance groups) and overlong filtering.
+"""DAPO batch filters: dynamic sampling (drop groups with no spread in a metric) and overlong filtering.
 
 ``reward_variance_keep_mask`` and ``overlong_filter`` are pure and jittable.
 ``DynamicSamplingAccumulator`` is the host-side bookkeeping the RL loop uses to refill a
@@ -24,9 +24,9 @@ def reward_variance_keep_mask(
     num_groups: int | None = None,
     atol: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Dynamic-sampling filter: keep the rows of groups whose rewards are not all equal.
+    """Dynamic-sampling filter: keep the rows of groups whose values are not all equal.
 
-    rewards: float [B]; group_ids: int [B] in [0, num_groups) (num_groups static, default B).
+    rewards: float [B], the filter metric (total reward, or correctness for DAPO's ``acc``); group_ids: int [B] in [0, num_groups) (num_groups static, default B).
     A group is dropped when max − min of its rewards ≤ ``atol`` (singleton groups included:
     their advantage is 0 under every group baseline).
     Returns (keep bool [B], num_kept_groups int32, num_dropped_groups int32), counting only
@@ -61,7 +61,7 @@ def _take_rows(rows: Any, index: np.ndarray) -> Any:
 
 @dataclasses.dataclass
 class DynamicSamplingAccumulator:
-    """Collects whole groups with reward variance across sampling rounds (DAPO).
+    """Collects whole groups with spread in the filter metric across sampling rounds (DAPO).
 
     Usage in the loop::
 
@@ -101,13 +101,20 @@ class DynamicSamplingAccumulator:
     def out_of_rounds(self) -> bool:
         return self.max_rounds is not None and self.rounds >= self.max_rounds
 
-    def add(self, rows: Any, rewards: np.ndarray, group_ids: np.ndarray) -> int:
-        """Filter one round (rewards float [B], group_ids int [B]); returns groups kept now."""
+    def add(self, rows: Any, rewards: np.ndarray, group_ids: np.ndarray,
+            filter_values: np.ndarray | None = None) -> int:
+        """Filter one round (rewards float [B], group_ids int [B]); returns groups kept now.
+
+        filter_values: float [B], the per-row metric whose spread decides which groups are
+        kept (DAPO: the correctness 0/1); None filters on ``rewards``. The kept rows'
+        ``rewards`` are what ``result`` returns either way.
+        """
         rewards = np.asarray(rewards, np.float32)
+        metric = rewards if filter_values is None else np.asarray(filter_values, np.float32)
         # Arbitrary ids (e.g. global prompt indices) → 0..n−1 for the jittable filter.
         unique_ids, dense_ids = np.unique(np.asarray(group_ids), return_inverse=True)
         keep, num_kept, num_dropped = reward_variance_keep_mask(
-            rewards, dense_ids, num_groups=len(unique_ids), atol=self.atol
+            metric, dense_ids, num_groups=len(unique_ids), atol=self.atol
         )
         keep = np.asarray(keep)
         self.rounds += 1

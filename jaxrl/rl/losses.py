@@ -1,4 +1,5 @@
-"""Policy-gradient losses: PPO-clip (asymmetric + dual-clip), GSPO, CISPO (docs/algorithms.md).
+"""The policy loss around a registered per-token loss (PPO-clip, GSPO, CISPO, KL-Cov, Clip-Cov):
+token selection, aggregation, KL and entropy terms, metrics (docs/algorithms.md).
 
 ``policy_loss`` is pure and jittable with ``cfg`` static. Shapes: B rows, T response
 positions; every per-token input is [B, T] and ``mask`` marks the valid response tokens.
@@ -32,75 +33,25 @@ the "minibatch" scope, or "batch" scope when the loss sees the whole step batch)
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from jaxrl.rl.token_masks import forking_token_mask
+from jaxrl.rl.loss_registry import LossInputs, TokenLoss, get_loss, loss_names, register_loss
+from jaxrl.rl.token_losses import clipped_surrogate, token_covariance
+from jaxrl.rl.token_masks import MASK_RULES, forking_token_mask
+
+# The registry and the built-in losses live in loss_registry / token_losses; importing
+# token_losses above registers them. Re-exported here for extensions and tests.
+__all__ = ["LossConfig", "LossInputs", "TokenLoss", "register_loss", "loss_names", "policy_loss",
+           "select_tokens", "aggregate", "kl_penalty", "clipped_surrogate", "token_covariance"]
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3")
 TOKEN_MASKS = ("all", "top", "bottom")
 MASK_SCOPES = ("batch", "minibatch")
 MASK_NORMALIZERS = ("all_tokens", "selected_tokens")
-ENTROPY_SOURCES = ("train", "rollout")
-
-
-@struct.dataclass
-class LossInputs:
-    """What a registered per-token loss sees (every array float32/bool [B, T]).
-
-    logp: current-policy log-probs (differentiated). old_logp: sampling-policy log-probs
-    (no gradient). advantages: broadcast to [B, T] (no gradient). valid: response tokens.
-    log_ratio: logp − old_logp, 0 off ``valid``, clamped to ±``cfg.log_ratio_clamp``.
-    """
-
-    logp: jax.Array
-    old_logp: jax.Array
-    advantages: jax.Array
-    valid: jax.Array
-    log_ratio: jax.Array
-
-
-@struct.dataclass
-class TokenLoss:
-    """What a registered per-token loss returns (every array [B, T]).
-
-    loss: float32 per-token loss before masking and aggregation. ratio: the importance
-    ratio the loss used (metrics only). clip_low / clip_high / clip_dual: bool, where each
-    clip binds (for the clip-fraction metrics; all False when the loss has no such clip).
-    """
-
-    loss: jax.Array
-    ratio: jax.Array
-    clip_low: jax.Array
-    clip_high: jax.Array
-    clip_dual: jax.Array
-
-
-TokenLossFn = Callable[[LossInputs, "LossConfig"], TokenLoss]
-_LOSSES: dict[str, TokenLossFn] = {}
-
-
-def register_loss(name: str) -> Callable[[TokenLossFn], TokenLossFn]:
-    """Decorator: registers ``fn(inputs: LossInputs, cfg: LossConfig) -> TokenLoss`` as
-    ``rl.loss.loss_type = name``. Aggregation, KL, entropy bonus and the forking-token mask
-    are applied around it by ``policy_loss`` (docs/algorithms.md, "Policy losses")."""
-
-    def register(fn: TokenLossFn) -> TokenLossFn:
-        if name in _LOSSES and _LOSSES[name] is not fn:
-            raise ValueError(f"a policy loss named {name!r} is already registered")
-        _LOSSES[name] = fn
-        return fn
-
-    return register
-
-
-def loss_names() -> tuple[str, ...]:
-    """Names of the registered policy losses (valid ``rl.loss.loss_type`` values)."""
-    return tuple(_LOSSES)
+ENTROPY_SOURCES = ("step_start", "current", "rollout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +60,8 @@ class LossConfig:
 
     loss_type: "ppo" (token ratio), "gspo" (sequence ratio), "gspo_token" (sequence ratio
       value, per-token gradient and advantages), "cispo" (clipped IS weight, REINFORCE
-      gradient on every token).
+      gradient on every token), "kl_cov" / "clip_cov" (covariance-selected penalties,
+      Cui et al. 2025; ``jaxrl.rl.token_losses``).
     clip_eps_low / clip_eps_high: PPO clip range [1 − low, 1 + high] (DAPO clip-higher).
     dual_clip_c: if set (> 1), caps the loss of negative-advantage tokens at −c·Â.
     log_ratio_clamp: |log r| is clamped to this before exponentiating.
@@ -121,12 +73,23 @@ class LossConfig:
     kl_coef / kl_type / kl_delta_clamp / kl_value_clamp: β, estimator k1|k2|k3 of
       KL(π_θ‖π_ref) with δ = ref_logp − logp clamped to ±kl_delta_clamp and the estimate to
       ±kl_value_clamp.
+    kl_ratio_correction: multiply the per-token KL by the (differentiated) importance ratio
+      r = π_θ/π_old, TRL's ``use_bias_correction_kl``: samples come from π_old, so
+      E_old[r·k3] estimates KL(π_θ‖π_ref) under π_θ's own samples.
+    kl_cov_ratio / kl_cov_coef: KL-Cov's fraction k of tokens (largest Cov) and its β.
+    clip_cov_ratio / clip_cov_low / clip_cov_high: Clip-Cov's fraction r of tokens and the
+      open Cov interval (ω_low, ω_high) they are picked from.
     entropy_coef: weight α of the entropy bonus (loss −= α · aggregated entropy).
     token_mask: "all" | "top" (top-ρ forking tokens) | "bottom" (the complement).
     entropy_rho: ρ in (0, 1].
+    mask_rule: "quantile" (keep H ≥ the (1 − ρ)-quantile, linear interpolation; the paper
+      and TRL) | "count" (exactly ⌈ρN⌉, ties by flattened index). ``jaxrl.rl.token_masks``.
     mask_scope: "batch" (step batch, the paper) | "minibatch" (each optimizer update).
     mask_normalizer: "all_tokens" (1/Σ|o_i|, the paper) | "selected_tokens".
-    entropy_source: "train" (current policy at the rollout temperature) | "rollout".
+    entropy_source: which entropies pick the forking tokens: "step_start" (trainer pass with
+      the params at the start of the step, before any update) | "current" (the params of the
+      mini-batch's own update, i.e. the values its training forward computes) | "rollout"
+      (the sampler's). All at the rollout temperature, full vocabulary.
     mask_include_truncated: whether truncated rows count in the threshold population.
     """
 
@@ -149,8 +112,15 @@ class LossConfig:
     entropy_rho: float = 0.2
     mask_scope: str = "batch"
     mask_normalizer: str = "all_tokens"
-    entropy_source: str = "train"
+    entropy_source: str = "step_start"
     mask_include_truncated: bool = True
+    mask_rule: str = "quantile"  # issue 12: the paper's / TRL's rule by default
+    kl_ratio_correction: bool = False  # TRL use_bias_correction_kl
+    kl_cov_ratio: float = 2e-3  # KL-Cov k (Cui et al. 2025: 2e-3 for Qwen2.5-7B, 2e-4 for 32B)
+    kl_cov_coef: float = 1.0  # KL-Cov β
+    clip_cov_ratio: float = 2e-4  # Clip-Cov r
+    clip_cov_low: float = 1.0  # Clip-Cov ω_low
+    clip_cov_high: float = 5.0  # Clip-Cov ω_high
 
     def __post_init__(self):
         choices = {
@@ -161,6 +131,7 @@ class LossConfig:
             "mask_scope": MASK_SCOPES,
             "mask_normalizer": MASK_NORMALIZERS,
             "entropy_source": ENTROPY_SOURCES,
+            "mask_rule": MASK_RULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -172,16 +143,23 @@ class LossConfig:
         for name, (lo, hi, text) in ranges.items():
             if not lo <= getattr(self, name) < hi:
                 raise ValueError(f"LossConfig.{name} must be in {text}, got {getattr(self, name)}")
-        for name in ("clip_eps_high", "gspo_eps_high", "kl_coef"):
+        for name in ("clip_eps_high", "gspo_eps_high", "kl_coef", "kl_cov_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("log_ratio_clamp", "cispo_eps_max", "kl_delta_clamp", "kl_value_clamp"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LossConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_cov_ratio", "clip_cov_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"LossConfig.{name} must be in (0, 1], got {getattr(self, name)}")
+        if not self.clip_cov_low < self.clip_cov_high:
+            raise ValueError(f"LossConfig.clip_cov_low must be < clip_cov_high, got "
+                             f"({self.clip_cov_low}, {self.clip_cov_high})")
         if self.dual_clip_c is not None and not self.dual_clip_c > 1.0:
             raise ValueError(f"LossConfig.dual_clip_c must be > 1 or None, got {self.dual_clip_c}")
         if not 0.0 < self.entropy_rho <= 1.0:
-            raise ValueError(f"LossConfig.entropy_rho must be in (0, 1], got {self.entropy_rho}")
+            raise ValueError(f"LossConfig.entropy_rho must be in (0, 1] (ρ = 0 would train on no "
+                             f"token; use token_mask='all' for every token), got {self.entropy_rho}")
         if self.aggregation == "seq-mean-token-sum-norm":
             if self.norm_constant is None or not self.norm_constant > 0:
                 raise ValueError(
@@ -200,18 +178,21 @@ def select_tokens(
 ) -> tuple[jax.Array, jax.Array]:
     """Tokens whose policy-gradient term is kept, per ``cfg.token_mask``.
 
-    mask: [B, T] valid response tokens; train_entropy / rollout_entropy: float [B, T]
-    (the one named by ``cfg.entropy_source`` is required unless token_mask is "all");
-    truncated: optional bool [B]. Call it on the population of ``cfg.mask_scope``.
+    mask: [B, T] valid response tokens. train_entropy: float [B, T], the trainer's entropies
+    for ``cfg.entropy_source`` "step_start" or "current" (the caller computes them with the
+    right params); rollout_entropy: float [B, T], the sampler's, for "rollout". The one the
+    source needs is required unless token_mask is "all". truncated: optional bool [B].
+    Call it on the population of ``cfg.mask_scope``.
     Returns (select bool [B, T], threshold float32 scalar; see ``forking_token_mask``).
     """
     if cfg.token_mask == "all":
         return jnp.asarray(mask) > 0, jnp.float32(-jnp.inf)
-    entropy = train_entropy if cfg.entropy_source == "train" else rollout_entropy
+    rollout = cfg.entropy_source == "rollout"
+    entropy = rollout_entropy if rollout else train_entropy
     if entropy is None:
         raise ValueError(
             f"LossConfig.token_mask={cfg.token_mask!r} with entropy_source="
-            f"{cfg.entropy_source!r} needs the {cfg.entropy_source} entropies"
+            f"{cfg.entropy_source!r} needs the {'rollout' if rollout else 'trainer'} entropies"
         )
     return forking_token_mask(
         entropy,
@@ -220,6 +201,7 @@ def select_tokens(
         mode=cfg.token_mask,
         truncated=truncated,
         include_truncated=cfg.mask_include_truncated,
+        rule=cfg.mask_rule,
     )
 
 
@@ -274,23 +256,6 @@ def aggregate(
     return _safe_div(jnp.sum(row_sums), num_sequences)
 
 
-def clipped_surrogate(ratio: jax.Array, adv: jax.Array, eps_low: float, eps_high: float,
-                      dual_clip_c: float | None) -> TokenLoss:
-    """PPO-clip per-token loss max(−r·Â, −clip(r, 1−ε_low, 1+ε_high)·Â) (dual-clip for Â < 0:
-    min(·, −c·Â)) and where each clip binds; ratio, adv float [B, T]."""
-    unclipped = -adv * ratio
-    clipped = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    loss = jnp.maximum(unclipped, clipped)
-    clip_low = (ratio < 1.0 - eps_low) & (adv < 0)
-    clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
-    if dual_clip_c is None:
-        return TokenLoss(loss, ratio, clip_low, clip_high, jnp.zeros_like(clip_low))
-    dual_bound = -adv * dual_clip_c
-    clip_dual = (adv < 0) & (loss > dual_bound)
-    loss = jnp.where(adv < 0, jnp.minimum(loss, dual_bound), loss)
-    return TokenLoss(loss, ratio, clip_low, clip_high, clip_dual)
-
-
 def policy_loss(
     logp: jax.Array,
     old_logp: jax.Array,
@@ -315,16 +280,19 @@ def policy_loss(
     mask: bool/float [B, T], valid response tokens (padding and filtered rows are 0).
     ref_logp: float [B, T], reference log-probs; required when ``cfg.kl_coef > 0``.
     entropy: float [B, T], current-policy entropy at the rollout temperature; required for
-      the entropy bonus, and the mask source for entropy_source="train" when
-      ``token_select`` is not given. Gradient flows through it only via the bonus.
+      the entropy bonus, and the mask source for entropy_source "step_start" / "current"
+      when ``token_select`` is not given (the caller's params decide which of the two it
+      is). Gradient flows through it only via the bonus.
     token_select: bool [B, T] precomputed selection (see module docstring); wins over the
       in-loss selection. rollout_entropy: float [B, T], the source for entropy_source=
       "rollout". truncated: bool [B] (only for the in-loss threshold population).
     num_tokens / num_selected_tokens / num_sequences: global normalisers (module docstring).
 
     Metrics (all over this call's valid tokens): loss, pg_loss, clip_frac_low/high/dual,
-    approx_kl (k3 of KL(π_old‖π_θ)), ratio_mean, ratio_max, selected_fraction, and when
-    available kl / kl_loss, entropy_mean, entropy_selected_mean, entropy_bonus,
+    approx_kl (k3 of KL(π_old‖π_θ)), ratio_mean, ratio_max, selected_fraction, the
+    entropy-collapse moments logp_mean, adv_mean, logp_adv_mean and cov_logp_adv
+    (= logp_adv_mean − logp_mean·adv_mean), and when available kl / kl_loss, entropy_mean,
+    entropy_selected_mean, entropy_bonus, cov_selected_fraction (KL-Cov / Clip-Cov),
     entropy_threshold (only when the selection is computed here).
     """
     valid = jnp.asarray(mask) > 0
@@ -351,7 +319,7 @@ def policy_loss(
     token_log_ratio = jnp.where(valid, logp - old_logp, 0.0)
     token_log_ratio = jnp.clip(token_log_ratio, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
     inputs = LossInputs(logp=logp, old_logp=old_logp, advantages=adv, valid=valid, log_ratio=token_log_ratio)
-    token_loss = _LOSSES[cfg.loss_type](inputs, cfg)
+    token_loss = get_loss(cfg.loss_type)(inputs, cfg)
     pg, ratio = token_loss.loss, token_loss.ratio
     clip_low, clip_high, clip_dual = token_loss.clip_low, token_loss.clip_high, token_loss.clip_dual
 
@@ -366,7 +334,10 @@ def policy_loss(
     if cfg.kl_coef > 0:
         if ref_logp is None:
             raise ValueError("LossConfig.kl_coef > 0 needs ref_logp")
-        kl = jnp.where(valid, kl_penalty(logp, jnp.asarray(ref_logp, jnp.float32), cfg), 0.0)
+        kl = kl_penalty(logp, jnp.asarray(ref_logp, jnp.float32), cfg)
+        if cfg.kl_ratio_correction:  # TRL's bias-corrected KL: r·k (r differentiated)
+            kl = kl * ratio
+        kl = jnp.where(valid, kl, 0.0)
         kl_loss = aggregate(kl, weights, weights, cfg.aggregation, total_count=num_tokens, **agg)
         loss = loss + cfg.kl_coef * kl_loss
         metrics["kl_loss"] = kl_loss
@@ -387,6 +358,13 @@ def policy_loss(
         ent = jax.lax.stop_gradient(jnp.asarray(entropy, jnp.float32))
         metrics["entropy_mean"] = _masked_mean(ent, weights)
         metrics["entropy_selected_mean"] = _masked_mean(ent, select_weights)
+    if token_loss.cov_selected is not None:
+        metrics["cov_selected_fraction"] = _masked_mean(token_loss.cov_selected.astype(jnp.float32), weights)
+    # Entropy-collapse signal (Cui et al. 2025): covariance of log-prob and advantage.
+    sg_logp = jax.lax.stop_gradient(logp)
+    moments = {"logp_mean": sg_logp, "adv_mean": adv, "logp_adv_mean": sg_logp * adv}
+    metrics.update({name: _masked_mean(jnp.where(valid, v, 0.0), weights) for name, v in moments.items()})
+    metrics["cov_logp_adv"] = metrics["logp_adv_mean"] - metrics["logp_mean"] * metrics["adv_mean"]
 
     sg_ratio = jax.lax.stop_gradient(ratio)
     sg_log_ratio = jax.lax.stop_gradient(token_log_ratio)
@@ -403,44 +381,3 @@ def policy_loss(
     )
     metrics = {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()}
     return loss, metrics
-
-
-# ----------------------------------------------------------------------------- registered losses
-@register_loss("ppo")
-def ppo_token_loss(inputs: LossInputs, cfg: LossConfig) -> TokenLoss:
-    """PPO-clip on the token ratio r = exp(log_ratio), clip range [1 − ε_low, 1 + ε_high]."""
-    ratio = jnp.exp(inputs.log_ratio)
-    return clipped_surrogate(ratio, inputs.advantages, cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c)
-
-
-def _gspo_log_ratio(inputs: LossInputs, cfg: LossConfig) -> jax.Array:
-    """Sequence log-ratio mean_t(log r), clamped, [B, 1]."""
-    weights = inputs.valid.astype(jnp.float32)
-    seq = _safe_div(jnp.sum(inputs.log_ratio * weights, axis=-1), jnp.sum(weights, axis=-1))
-    return jnp.clip(seq, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)[:, None]
-
-
-@register_loss("gspo")
-def gspo_token_loss(inputs: LossInputs, cfg: LossConfig) -> TokenLoss:
-    """GSPO: every token carries the clipped sequence ratio s = exp(mean_t log r)."""
-    ratio = jnp.exp(jnp.broadcast_to(_gspo_log_ratio(inputs, cfg), inputs.logp.shape))
-    return clipped_surrogate(ratio, inputs.advantages, cfg.gspo_eps_low, cfg.gspo_eps_high, cfg.dual_clip_c)
-
-
-@register_loss("gspo_token")
-def gspo_token_variant_loss(inputs: LossInputs, cfg: LossConfig) -> TokenLoss:
-    """GSPO-token: value of the sequence ratio, gradient of each token's own log-prob."""
-    sg = jax.lax.stop_gradient
-    ratio = jnp.exp(sg(_gspo_log_ratio(inputs, cfg)) + inputs.logp - sg(inputs.logp))
-    return clipped_surrogate(ratio, inputs.advantages, cfg.gspo_eps_low, cfg.gspo_eps_high, cfg.dual_clip_c)
-
-
-@register_loss("cispo")
-def cispo_token_loss(inputs: LossInputs, cfg: LossConfig) -> TokenLoss:
-    """CISPO: −sg(min(r, ε_max))·Â·logp; gradients reach every token."""
-    ratio = jnp.exp(inputs.log_ratio)
-    is_weight = jax.lax.stop_gradient(jnp.minimum(ratio, cfg.cispo_eps_max))
-    clip_high = ratio > cfg.cispo_eps_max
-    none = jnp.zeros_like(clip_high)
-    return TokenLoss(loss=-is_weight * inputs.advantages * inputs.logp, ratio=ratio,
-                     clip_low=none, clip_high=clip_high, clip_dual=none)

@@ -27,7 +27,13 @@ from jaxrl.types import TrainBatch
 
 @jax.jit
 def logprob_gap_metrics(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Sampler–trainer log-prob gap over valid tokens (float32 scalars); inputs [B, T]."""
+    """Sampler–trainer log-prob gap over valid tokens (float32 scalars); inputs [B, T] (nats).
+
+    With Δ = trainer − sampler log-prob of the sampled token: abs_mean, abs_max, mean of Δ,
+    and kl_k3 = mean(e^Δ − 1 − Δ), the unbiased, non-negative k3 estimate of
+    KL(sampler ‖ trainer) from tokens sampled by the sampler (r = π_trainer/π_sampler,
+    E_sampler[r − 1 − log r] = KL(sampler ‖ trainer)).
+    """
     weights = (mask > 0).astype(jnp.float32)
     count = jnp.maximum(jnp.sum(weights), 1.0)
     delta = jnp.where(weights > 0, trainer_logp - sampler_logp, 0.0)
@@ -35,13 +41,13 @@ def logprob_gap_metrics(trainer_logp: jax.Array, sampler_logp: jax.Array, mask: 
         "logprob_gap/abs_mean": jnp.sum(jnp.abs(delta)) / count,
         "logprob_gap/abs_max": jnp.max(jnp.abs(delta)),
         "logprob_gap/mean": jnp.sum(delta) / count,
-        # k3 estimate of KL(sampler ‖ trainer) with samples from the sampler
-        "logprob_gap/kl_k3": jnp.sum(weights * (jnp.expm1(-delta) + delta)) / count,
+        "logprob_gap/kl_k3": jnp.sum(weights * (jnp.expm1(delta) - delta)) / count,
     }
 
 
 def tis_weights(trainer_logp: jax.Array, sampler_logp: jax.Array, cap: float) -> jax.Array:
-    """Truncated importance weights min(π_trainer / π_sampler, cap), float32 [B, T]."""
+    """Truncated importance weights min(π_trainer / π_sampler, cap), float32 [B, T]; inputs
+    [B, T] log-probs, the log-ratio clamped to ±20 before exp."""
     return jnp.minimum(jnp.exp(jnp.clip(trainer_logp - sampler_logp, -20.0, 20.0)), cap)
 
 
@@ -88,18 +94,30 @@ def make_updater(cfg: ml_collections.ConfigDict, model_cfg, loss_cfg: LossConfig
     )
 
 
+def _trainer_entropy_needed(cfg: ml_collections.ConfigDict, loss_cfg: LossConfig) -> bool:
+    return (cfg.rl.old_logp_source == "trainer" or cfg.rl.measure_logprob_gap
+            or (loss_cfg.token_mask != "all" and loss_cfg.entropy_source == "step_start"))
+
+
 def optimise(updater: Updater, state: train_step.TrainState, batch: TrainBatch, truncated: jax.Array,
              ref_params=None) -> tuple[train_step.TrainState, dict[str, float]]:
-    """Trainer log-prob pass, token selection, μ epochs of mini-batch updates → (state, metrics)."""
+    """Trainer log-prob pass, token selection, μ epochs of mini-batch updates → (state, metrics).
+
+    Forking-token entropies (``rl.loss.entropy_source``): "step_start" = this step's trainer
+    pass (params before any update); "current" = recomputed with the params of each update
+    (the values that update's training forward computes); "rollout" = the sampler's. Under
+    ``mask_scope`` "batch" the threshold population is the whole step batch (for "current"
+    that is one extra forward over the step batch per update), under "minibatch" the update's
+    own rows. Metrics are means over the updates that had tokens (ratio_max: max;
+    update_skipped / update_empty: counts).
+    """
     cfg, loss_cfg = updater.cfg, updater.loss_cfg
     device_metrics: dict[str, Any] = {}
     trainer_logp = trainer_entropy = None
     sampler_logp = batch.old_logp
-    need_trainer_pass = (cfg.rl.old_logp_source == "trainer" or cfg.rl.measure_logprob_gap
-                         or (loss_cfg.token_mask != "all" and loss_cfg.entropy_source == "train"))
     inputs = lambda b: (b.input_tokens, b.attention_mask, b.positions, b.targets)  # noqa: E731
     started = time.monotonic()
-    if need_trainer_pass:
+    if _trainer_entropy_needed(cfg, loss_cfg):
         trainer_logp, trainer_entropy = updater.logprob_fn(state.params, *inputs(batch))
         device_metrics.update(logprob_gap_metrics(trainer_logp, sampler_logp, batch.loss_mask))
     old_logp = trainer_logp if cfg.rl.old_logp_source == "trainer" else sampler_logp
@@ -108,34 +126,55 @@ def optimise(updater: Updater, state: train_step.TrainState, batch: TrainBatch, 
         advantages = advantages[:, None] * tis_weights(trainer_logp, sampler_logp, cfg.rl.tis_cap)
     ref_logp = None if ref_params is None else updater.logprob_fn(ref_params, *inputs(batch))[0]
     batch = batch.replace(old_logp=old_logp, advantages=advantages, ref_logp=ref_logp)
-    train_entropy = trainer_entropy if trainer_entropy is not None else batch.rollout_entropy
-    batch_select = None
-    if loss_cfg.token_mask == "all":
-        batch_select = batch.loss_mask > 0
-    elif loss_cfg.mask_scope == "batch":
-        batch_select, threshold = updater.select_fn(batch.loss_mask, train_entropy, batch.rollout_entropy, truncated)
+    per_update = loss_cfg.token_mask != "all" and (loss_cfg.entropy_source == "current"
+                                                   or loss_cfg.mask_scope == "minibatch")
+    batch_select = batch.loss_mask > 0
+    if not per_update and loss_cfg.token_mask != "all":  # one selection for the step batch
+        batch_select, threshold = updater.select_fn(batch.loss_mask, trainer_entropy, batch.rollout_entropy,
+                                                    truncated)
         device_metrics["entropy_threshold"] = threshold
     logprob_time = time.monotonic() - started
 
     started = time.monotonic()
-    update_metrics = []
+    update_metrics, thresholds = [], []
+    step_start = (batch, (trainer_entropy, truncated))
     for _ in range(cfg.rl.epochs):
         for index in range(updater.batch_rows // updater.mini_rows):
-            mini, (select, mini_truncated) = updater.take_minibatch((batch, (batch_select, truncated)), index)
-            if select is None:  # minibatch scope: the population is this mini-batch
-                if loss_cfg.entropy_source == "train":
-                    _, entropy = updater.logprob_fn(state.params, *inputs(mini))
-                else:
-                    entropy = mini.rollout_entropy
-                select, _ = updater.select_fn(mini.loss_mask, entropy, mini.rollout_entropy, mini_truncated)
+            mini, (select, _) = updater.take_minibatch((batch, (batch_select, truncated)), index)
+            if per_update:
+                select, threshold = _select_for_update(updater, state, step_start, mini, index)
+                thresholds.append(threshold)
             state, metrics = updater.update_fn(state, mini, select)
             update_metrics.append(metrics)
-    host_updates = jax.device_get(update_metrics)
-    host_extra = jax.device_get(device_metrics)
-    out = {key: float(np.mean([m[key] for m in host_updates])) for key in host_updates[0]}
+    host_updates, host_extra, thresholds = jax.device_get((update_metrics, device_metrics, thresholds))
+    live = [m for m in host_updates if m["tokens"] > 0] or host_updates
+    out = {key: float(np.mean([m[key] for m in live])) for key in host_updates[0]}
     out["ratio_max"] = float(np.max([m["ratio_max"] for m in host_updates]))
     out["update_skipped"] = float(np.sum([m["update_skipped"] for m in host_updates]))
+    out["update_empty"] = float(np.sum([m["update_empty"] for m in host_updates]))
     out.update({k: float(v) for k, v in host_extra.items()})
+    finite = [float(t) for t in thresholds if np.isfinite(t)]
+    if thresholds:
+        out["entropy_threshold"] = float(np.mean(finite)) if finite else float("inf")
     out["time/logprobs"] = logprob_time
     out["time/update"] = time.monotonic() - started
     return state, out
+
+
+def _select_for_update(updater: Updater, state, step_start, mini: TrainBatch, index: int):
+    """(select bool [M, T], threshold) for one update when the selection is not the step's:
+    entropy_source "current" and/or mask_scope "minibatch" (see ``optimise``)."""
+    loss_cfg = updater.loss_cfg
+    batch, (trainer_entropy, truncated) = step_start
+    inputs = lambda b: (b.input_tokens, b.attention_mask, b.positions, b.targets)  # noqa: E731
+    if loss_cfg.mask_scope == "minibatch":
+        population = mini
+        entropy = updater.take_minibatch(trainer_entropy, index) if trainer_entropy is not None else None
+        if loss_cfg.entropy_source == "current":
+            entropy = updater.logprob_fn(state.params, *inputs(mini))[1]
+        mini_truncated = updater.take_minibatch(truncated, index)
+        return updater.select_fn(population.loss_mask, entropy, population.rollout_entropy, mini_truncated)
+    # batch scope with current entropies: the step batch under this update's params.
+    entropy = updater.logprob_fn(state.params, *inputs(batch))[1]
+    select, threshold = updater.select_fn(batch.loss_mask, entropy, batch.rollout_entropy, truncated)
+    return updater.take_minibatch(select, index), threshold

@@ -2,7 +2,8 @@
 
 1. Draw P prompts, sample n responses each through the rollout backend (arrays stay on
    device), bring the completion tokens and per-row ints to the host, score them → Scored.
-2. With dynamic sampling, keep only groups whose rewards differ, drawing more prompt
+2. With dynamic sampling, keep only groups whose filter metric (``rl.dynamic_sampling_metric``:
+   correctness or total reward) differs, drawing more prompt
    batches until P groups are kept or ``rl.max_sampling_rounds`` is reached; a short batch
    is padded with loss-free rows. Shapes stay static: P·n rows.
 3. Group-relative advantages (host, from the rewards) and the device TrainBatch.
@@ -122,7 +123,7 @@ def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
         if not dynamic:
             break
         handles = {"round": np.full(len(scored.rewards), len(rounds) - 1), "row": np.arange(len(scored.rewards))}
-        acc.add(handles, scored.rewards, scored.group_ids)
+        acc.add(handles, scored.rewards, scored.group_ids, filter_values=filter_metric(cfg, scored))
         if acc.is_full or acc.out_of_rounds:
             break
     metrics = _round_metrics(rounds)
@@ -142,6 +143,15 @@ def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
                   components={k: np.concatenate([s.components[k] for s in rounds])[index] for k in rounds[0].components},
                   lengths=pick("lengths"), finish_reason=pick("finish_reason"), group_ids=group_ids)
     return Collected(kept, metrics, samples)
+
+
+def filter_metric(cfg: ml_collections.ConfigDict, scored: Scored) -> np.ndarray:
+    """float32 [B]: the per-row value whose spread within a group keeps the group under
+    dynamic sampling: ``rl.dynamic_sampling_metric`` "acc" → correctness 0/1 (the
+    ``correct`` component ≥ ``rewards.correct_threshold``; DAPO), "reward" → total reward."""
+    if cfg.rl.dynamic_sampling_metric == "acc":
+        return np.asarray(scored.correct, np.float32)
+    return np.asarray(scored.rewards, np.float32)
 
 
 def _round_metrics(rounds: list[Scored]) -> dict[str, float]:
@@ -179,15 +189,17 @@ def make_train_batch(collector: Collector, adv_cfg: AdvantageConfig, build: Call
                      kept: Scored) -> tuple[TrainBatch, jax.Array, int]:
     """Kept rows → (device TrainBatch of P·n rows, truncated bool [P·n], real row count).
 
-    Rows past the real ones are loss-free copies of row 0 in their own group (id P), so
-    they cannot move any real group's baseline.
+    Advantages are computed over the real rows only (so padding never enters a group mean
+    or the ``grpo_scale=batch`` std). Rows past the real ones are loss-free copies of row 0
+    in their own group (id P) with advantage 0.
     """
     num_rows = collector.prompts_per_step * collector.samples_per_prompt
     real = len(kept.rewards)
     index = padded_row_index(real, num_rows)
     live = np.arange(num_rows) < real
     group_ids = np.where(live, kept.group_ids[index], collector.prompts_per_step).astype(np.int32)
-    rewards = np.where(live, kept.rewards[index], 0.0).astype(np.float32)
-    advantages = np.where(live, group_advantages(adv_cfg, rewards, group_ids, collector.prompts_per_step + 1), 0.0)
-    batch, truncated = build(kept.rollout, index, live, advantages.astype(np.float32), group_ids)
+    advantages = np.zeros(num_rows, np.float32)
+    advantages[:real] = group_advantages(adv_cfg, np.asarray(kept.rewards, np.float32),
+                                         np.asarray(kept.group_ids, np.int32), collector.prompts_per_step)
+    batch, truncated = build(kept.rollout, index, live, advantages, group_ids)
     return batch, truncated, real

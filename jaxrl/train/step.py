@@ -230,9 +230,13 @@ def make_update_fn(
     One optimizer update: micro-batch gradients are summed by a ``lax.scan`` (every loss
     normaliser is a mini-batch total), clipped and applied. If the loss or any gradient is
     non-finite, params and optimizer state are kept and ``skipped_updates`` is incremented.
+    A mini-batch with no valid response token (all padding rows) makes no optimizer step at
+    all: params and optimizer state (moments, count) are kept, so neither momentum nor
+    weight decay moves the weights (``update_empty`` = 1; not counted as skipped).
     ``state.step`` is not changed (it counts RL steps; the loop advances it).
-    Metrics (float32 scalars): the ``policy_loss`` metrics over the mini-batch, grad_norm,
-    update_skipped (0/1), tokens (valid response tokens in the mini-batch).
+    Metrics (float32 scalars): the ``policy_loss`` metrics over the mini-batch (moments
+    token-weighted, so ``cov_logp_adv`` is the mini-batch covariance), grad_norm,
+    update_skipped (0/1), update_empty (0/1), tokens (valid response tokens in the mini-batch).
     ``in_shardings``/``out_shardings`` are passed to ``jax.jit`` when given.
     """
     sum_rows_norm = loss_cfg.aggregation == "seq-mean-token-sum-norm"
@@ -299,9 +303,12 @@ def make_update_fn(
                 metrics[name] = jnp.max(values)
             else:
                 metrics[name] = jnp.sum(values * weights) / weight_total
+        if "cov_logp_adv" in metrics:
+            metrics["cov_logp_adv"] = metrics["logp_adv_mean"] - metrics["logp_mean"] * metrics["adv_mean"]
         loss = jnp.sum(losses)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        empty = totals["tokens"] == 0
 
         def apply(_):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -310,7 +317,7 @@ def make_update_fn(
         def keep(_):
             return state.params, state.opt_state
 
-        params, opt_state = jax.lax.cond(finite, apply, keep, None)
+        params, opt_state = jax.lax.cond(finite & ~empty, apply, keep, None)
         skipped = jnp.logical_not(finite).astype(jnp.int32)
         new_state = state.replace(
             params=params, opt_state=opt_state, skipped_updates=state.skipped_updates + skipped
@@ -319,6 +326,7 @@ def make_update_fn(
             loss=loss,
             grad_norm=grad_norm,
             update_skipped=skipped.astype(jnp.float32),
+            update_empty=empty.astype(jnp.float32),
             tokens=totals["tokens"],
         )
         return new_state, metrics
