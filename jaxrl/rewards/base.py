@@ -18,7 +18,14 @@ must be importable module-level functions (or ``functools.partial`` of one), not
 ``__main__``. A hung call is ended by killing
 its worker, which is then replaced in the background.
 
-With ``num_workers=0`` the rewarders run inline in the calling thread. There, the timeout is
+A rewarder must return a real number (bool/int/float, NumPy scalars included); anything
+else, and a call to ``sys.exit``, is a counted failure. The first error of each rewarder is
+reported once (``say``, stderr by default), and a warning line for every batch in which more
+than half the calls failed. Each worker's address space is capped (``memory_bytes``, default
+``DEFAULT_WORKER_MEMORY_BYTES``), so a runaway rewarder fails with ``MemoryError``.
+
+With ``num_workers=0`` (the debugging mode: no crash isolation from native crashes) the
+rewarders run inline in the calling thread. There, the timeout is
 enforced with ``SIGALRM`` when called from the main thread (it interrupts Python code, not a
 single long call inside a C extension); off the main thread it cannot be enforced, which the
 metric ``reward/timeouts_enforced`` (0.0) reports.

@@ -18,6 +18,7 @@ Checkpoints written while the policy is collapsed are marked unhealthy in their 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -55,7 +56,9 @@ def collapse_reasons(completions: Sequence[str], metrics: Mapping[str, float]) -
         reasons.append("every completion is identical")
     reward = metrics.get("reward/mean")
     entropy = metrics.get("rollout/entropy_mean")
-    if reward is not None and entropy is not None and abs(reward) < ZERO_TOLERANCE and entropy < ZERO_TOLERANCE:
+    if entropy is not None and not math.isfinite(entropy):
+        reasons.append("rollout entropy is not finite")
+    elif reward is not None and entropy is not None and abs(reward) < ZERO_TOLERANCE and entropy < ZERO_TOLERANCE:
         reasons.append("reward and rollout entropy are zero")
     return reasons
 
