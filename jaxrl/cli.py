@@ -1,7 +1,10 @@
 """``jaxrl`` command line: train | eval | export | plot | sample | plan | ablate.
 
-User errors (bad config, missing files, a run that diverged) print one line to stderr and
-exit with status 2 (3 for a diverged run); programming errors keep their traceback.
+Exit status: 0 finished; 2 a user error (bad config or data, missing or unwritable files,
+disk full, a checkpoint that cannot be written), printed as one line; 3 a diverged run
+(non-finite loss/gradient); 4 an unhealthy run (non-finite weights or a collapsed policy);
+128 + the signal number (130 SIGINT, 143 SIGTERM) for a run stopped by a signal after
+saving. Programming errors keep their traceback.
 
 Examples::
 
@@ -15,6 +18,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -35,12 +39,17 @@ from jaxrl.sampling.engine import SamplingConfig
 from jaxrl.sharding.mesh import maybe_initialize_distributed
 from jaxrl.sharding.transfer import host_array
 from jaxrl.train import step as train_step
-from jaxrl.train.checkpoint import Checkpointer
+from jaxrl.train.checkpoint import CheckpointError, Checkpointer
+from jaxrl.train.health import RunUnhealthy
 from jaxrl.train.loop import TrainingDiverged, train
-from jaxrl.train.metrics import plot_run
+from jaxrl.train.metrics import DependencyMissing, plot_run
 
 USER_ERROR = 2
 DIVERGED = 3
+UNHEALTHY = 4
+SIGNAL_BASE = 128  # a run stopped by signal S exits with 128 + S (shell convention)
+# OSErrors that describe the machine, not a bug: printed as one line (disk full, read-only, ...).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOENT}
 DEFAULT_CONFIG = "configs/default.py"
 
 
@@ -65,8 +74,17 @@ def cmd_train(args, overrides) -> int:
     if args.resume is not None:
         cfg.checkpoint.resume = "on" if args.resume else "off"
     validate(cfg, num_devices=jax.device_count())
-    result = train(cfg)
+    allowed = [k.strip() for k in (args.allow_config_change or "").split(",") if k.strip()]
+    for key in allowed:
+        node = cfg
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                raise UserError(f"--allow-config-change: unknown config key {key!r}")
+            node = node[part]
+    result = train(cfg, allow_config_change=allowed)
     print(f"{result.stop_reason}: step {int(result.state.step)}, run dir {result.run_dir}")
+    if result.signal is not None:
+        return SIGNAL_BASE + result.signal
     if result.stop_reason == "completed":
         with jax.set_mesh(mesh := wiring.mesh_of(cfg)):
             table = heldout_before_after(cfg, result.state.params, mesh=mesh)[2]
@@ -190,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run or resume an experiment (config overrides: --config.rl.lr=1e-6)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment file with get_config() (default {DEFAULT_CONFIG})")
     p.add_argument("--resume", dest="resume", action="store_true", default=None, help="require a checkpoint to resume")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="start fresh even if checkpoints exist")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start fresh; an existing run directory is moved to RUN_DIR.old-<time>")
+    p.add_argument("--allow-config-change", default="", metavar="KEY[,KEY]",
+                   help="config keys that may differ from the stored config when resuming "
+                        "(recorded in RUN_DIR/config_history.jsonl)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="greedy accuracy, avg@k, pass@k of a model → JSON report")
@@ -239,12 +261,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, overrides = build_parser().parse_known_args(argv)
     try:
         return args.func(args, overrides)
-    except (ConfigError, UserError, FileNotFoundError) as error:
+    except (ConfigError, UserError, FileNotFoundError, DependencyMissing, CheckpointError) as error:
         print(f"jaxrl {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return USER_ERROR
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"jaxrl {args.command}: error: {where}{error.strerror or _one_line(error)}", file=sys.stderr)
         return USER_ERROR
     except TrainingDiverged as error:
         print(f"jaxrl {args.command}: stopped: {_one_line(error)}", file=sys.stderr)
         return DIVERGED
+    except RunUnhealthy as error:
+        print(f"jaxrl {args.command}: stopped: {_one_line(error)}", file=sys.stderr)
+        return UNHEALTHY
 
 
 def _one_line(error: BaseException) -> str:

@@ -3,6 +3,7 @@
 import functools
 import math
 import os
+import sys
 import threading
 import time
 
@@ -163,3 +164,62 @@ def test_configuration_errors_fail_at_construction():
     with RewardExecutor({"length": (length_reward, 1.0)}) as executor:
         with pytest.raises(ValueError, match="lengths differ"):
             executor.score(["p"], ["a", "b"], [{}])
+
+
+# Issue 18, item 8: what a rewarder may return and how its failures are reported.
+def exiting_reward(prompt, completion, example):
+    sys.exit(3)
+
+
+def string_reward(prompt, completion, example):
+    return "1.0"
+
+
+def typed_reward(prompt, completion, example):
+    return {"bool": True, "int": 2, "np": np.float32(0.25), "npint": np.int64(4)}[completion]
+
+
+def memory_hog_reward(prompt, completion, example):
+    blocks = [bytearray(2**30) for _ in range(16)]  # 16 GiB: past the worker's cap
+    return float(len(blocks))
+
+
+def test_sys_exit_in_an_inline_rewarder_is_a_counted_failure():
+    with RewardExecutor({"exit": (exiting_reward, 1.0)}, num_workers=0, say=lambda text: None) as ex:
+        total, _, metrics = ex.score(["p", "p"], ["a", "b"], [{}, {}])
+    assert metrics["reward/exit/failures"] == 2.0
+    assert "sys.exit(3)" in metrics["reward/exit/first_error"]
+    np.testing.assert_array_equal(total, [0.0, 0.0])
+
+
+def test_rewards_must_be_real_numbers():
+    with pytest.raises(TypeError, match="real number"):
+        call_rewarder(string_reward, "p", "c", {})
+    values = [call_rewarder(typed_reward, "p", c, {}) for c in ("bool", "int", "np", "npint")]
+    assert values == [1.0, 2.0, 0.25, 4.0]
+    with RewardExecutor({"s": (string_reward, 1.0)}, say=lambda text: None) as ex:
+        _, _, metrics = ex.score(["p"], ["c"], [{}])
+    assert metrics["reward/s/failures"] == 1.0 and "real number" in metrics["reward/s/first_error"]
+
+
+def test_first_error_is_said_once_and_a_warning_when_most_calls_fail():
+    lines = []
+    with RewardExecutor({"raise": (raising_reward, 1.0), "len": (length_reward, 1.0)},
+                        say=lines.append) as ex:
+        ex.score(["p"] * 4, ["boom", "boom", "boom", "ok"], [{}] * 4)  # 3 of 8 calls fail
+        ex.score(["p"] * 2, ["boom", "boom"], [{}] * 2)  # 2 of 4 fail: not more than half
+        assert len(lines) == 1
+        assert lines[0].startswith("rewarder 'raise': 3/4 calls failed") and "kaboom on boom" in lines[0]
+    with RewardExecutor({"raise": (raising_reward, 1.0)}, say=lines.append) as ex:
+        ex.score(["p"] * 2, ["boom", "boom"], [{}] * 2)
+        ex.score(["p"] * 2, ["boom", "ok"], [{}] * 2)
+    assert [line.startswith("warning: 2/2 reward calls failed") for line in lines[1:]] == [False, True]
+
+
+@pytest.mark.slow
+def test_worker_memory_cap_turns_a_runaway_rewarder_into_a_failure():
+    with RewardExecutor({"hog": (memory_hog_reward, 1.0), "len": (length_reward, 1.0)}, num_workers=1,
+                        timeout_s=60.0, memory_bytes=2 * 2**30, say=lambda text: None) as ex:
+        total, components, metrics = ex.score(["p"], ["abc"], [{}])
+    assert metrics["reward/hog/failures"] == 1.0 and "MemoryError" in metrics["reward/hog/first_error"]
+    assert components["len"][0] == 3.0

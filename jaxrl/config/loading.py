@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -54,17 +54,35 @@ def _import_config_file(path: str) -> ml_collections.ConfigDict:
         spec.loader.exec_module(module)
     except ConfigError:
         raise
-    except (AttributeError, KeyError, TypeError) as error:
-        raise ConfigError(f"{path}: {_short(error)}") from None
+    except SyntaxError as error:
+        raise ConfigError(f"{path}:{error.lineno}: syntax error: {error.msg}") from None
+    except Exception as error:  # NameError, ImportError, ...: the user's file, one line
+        raise ConfigError(f"{path}{_line_of(error, path)}: {type(error).__name__}: {_short(error)}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} does not define get_config()")
     try:
         cfg = module.get_config()
+    except ConfigError:
+        raise
     except (AttributeError, KeyError, TypeError) as error:
-        raise ConfigError(f"{path}: get_config(): {_describe_locked_error(error)}") from None
+        raise ConfigError(f"{path}{_line_of(error, path)}: get_config(): {_describe_locked_error(error)}") from None
+    except Exception as error:
+        raise ConfigError(f"{path}{_line_of(error, path)}: get_config(): {type(error).__name__}: "
+                          f"{_short(error)}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     return cfg
+
+
+def _line_of(error: BaseException, path: str) -> str:
+    """``":<line>"`` of the innermost frame of ``error`` inside ``path`` ("" if none)."""
+    line = ""
+    tb = error.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = f":{tb.tb_lineno}"
+        tb = tb.tb_next
+    return line
 
 
 def _dotted_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -239,6 +257,41 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
     fill(cfg, data, "")
     return cfg
+
+
+# Keys that may change between a run and its resumption without changing the experiment:
+# where and how it runs, logs, evaluates and checkpoints, and how long it runs. A key or a
+# section prefix (ending in ".").
+RESUME_NEUTRAL_KEYS = (
+    "run.root", "train.num_steps", "train.max_bad_steps", "checkpoint.", "logging.", "eval.", "mesh.",
+    "distributed.", "rewards.num_workers", "rewards.timeout_s", "sampling.max_rows_per_call", "model.remat",
+)
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(stored: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """Keys that change the experiment and differ: dotted key -> (stored value, new value).
+
+    stored: the run's saved config (the parsed RUN_DIR/config.json). Keys in
+    ``RESUME_NEUTRAL_KEYS`` are ignored; values are compared in their JSON form.
+    """
+    old, new = _flatten(stored), _flatten(json.loads(to_json(cfg)))
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_NEUTRAL_KEYS):
+            continue
+        if old.get(key) != new.get(key):
+            changes[key] = (old.get(key), new.get(key))
+    return changes
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -9,6 +9,8 @@ registries, so a registered extension is a valid value.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from typing import Any
 
@@ -56,6 +58,48 @@ _NON_NEGATIVE = (
 )
 
 
+# Ranges beyond the sign checks: key -> (predicate, text for the error).
+_RANGES = {
+    "optim.b1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "optim.b2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "optim.eps": (lambda v: v > 0.0, "> 0"),
+    "rl.positive_weight": (lambda v: v >= 0.0, ">= 0"),
+    "run.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+}
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every leaf of a ConfigDict (tuples are one leaf)."""
+    for key in node.keys():
+        value = node[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _check_numbers(cfg) -> None:
+    """Every number in the config is finite; the ranges of ``_RANGES`` hold."""
+    for key, value in _leaves(cfg):
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+    for key, (ok, text) in _RANGES.items():
+        if not ok(_get(cfg, key)):
+            raise ConfigError(f"{key} must be {text}, got {_get(cfg, key)}")
+
+
+def _check_run_name(cfg) -> None:
+    """run.name is one directory name, so RUN_DIR stays under run.root."""
+    name = cfg.run.name
+    parts = [p for p in (os.sep, os.altsep) if p]
+    if not name or name in (".", "..") or any(p in name for p in parts) or "\0" in name:
+        raise ConfigError(f"run.name must be a single directory name (not empty, '.', '..', no '/'), got {name!r}")
+    if not cfg.run.root:
+        raise ConfigError("run.root must not be empty")
+
+
 def _get(cfg, key: str):
     node = cfg
     for part in key.split("."):
@@ -100,6 +144,8 @@ def rewarder_spec(spec: str) -> tuple[str, Any, float]:
 
 
 def _check_values(cfg) -> None:
+    _check_numbers(cfg)
+    _check_run_name(cfg)
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {_get(cfg, key)!r}")
@@ -172,8 +218,15 @@ def _check_combinations(cfg) -> None:
 def _check_files(cfg) -> None:
     if not os.path.isdir(cfg.model.path):
         raise ConfigError(f"model.path: model directory not found: {cfg.model.path}")
-    if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+    model_json = os.path.join(cfg.model.path, "config.json")
+    if not os.path.isfile(model_json):
         raise ConfigError(f"model.path: no config.json in {cfg.model.path}")
+    try:
+        with open(model_json, encoding="utf-8") as handle:
+            if not isinstance(json.load(handle), dict):
+                raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.path: {model_json} is not a valid config.json ({error})") from None
     if cfg.model.tokenizer_path and not os.path.isdir(cfg.model.tokenizer_path):
         raise ConfigError(f"model.tokenizer_path: directory not found: {cfg.model.tokenizer_path}")
     file_lists = (("data.train_files", cfg.data.train_files if cfg.data.source == "files" else ()),

@@ -18,7 +18,14 @@ must be importable module-level functions (or ``functools.partial`` of one), not
 ``__main__``. A hung call is ended by killing
 its worker, which is then replaced in the background.
 
-With ``num_workers=0`` the rewarders run inline in the calling thread. There, the timeout is
+A rewarder must return a real number (bool/int/float, NumPy scalars included); anything
+else, and a call to ``sys.exit``, is a counted failure. The first error of each rewarder is
+reported once (``say``, stderr by default), and a warning line for every batch in which more
+than half the calls failed. Each worker's address space is capped (``memory_bytes``, default
+``DEFAULT_WORKER_MEMORY_BYTES``), so a runaway rewarder fails with ``MemoryError``.
+
+With ``num_workers=0`` (the debugging mode: no crash isolation from native crashes) the
+rewarders run inline in the calling thread. There, the timeout is
 enforced with ``SIGALRM`` when called from the main thread (it interrupts Python code, not a
 single long call inside a C extension); off the main thread it cannot be enforced, which the
 metric ``reward/timeouts_enforced`` (0.0) reports.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import resource
 import signal
 import sys
 import threading
@@ -50,6 +58,15 @@ __all__ = ["Rewarder", "weighted_sum", "call_rewarder", "RewardExecutor", "Rewar
 _WORKER_START_TIMEOUT_S = 180.0
 
 
+# Address-space cap of a reward worker (bytes): a runaway rewarder fails with MemoryError
+# instead of taking the machine's memory.
+DEFAULT_WORKER_MEMORY_BYTES = 8 * 2**30
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 class RewarderTimeout(Exception):
     """A rewarder call ran past its time limit."""
 
@@ -68,9 +85,24 @@ def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, flo
     return np.sum(arrays, axis=0).astype(np.float32)
 
 
+# What a rewarder may return: a real number (Python or NumPy bool/int/float), nothing else.
+REAL_TYPES = (bool, int, float, np.bool_, np.integer, np.floating)
+
+
 def call_rewarder(fn: Rewarder, prompt: str, completion: str, example: Mapping[str, Any]) -> float:
-    """``fn(prompt, completion, example)`` as a float; ValueError if it is not finite."""
-    value = float(fn(prompt, completion, example))
+    """``fn(prompt, completion, example)`` as a float.
+
+    TypeError unless it returned a real number (bool/int/float, NumPy scalars included; a
+    string such as ``"1.0"`` is refused); ValueError if it is not finite; RuntimeError if
+    the rewarder called ``sys.exit`` (so it is a counted failure, never the end of the run).
+    """
+    try:
+        value = fn(prompt, completion, example)
+    except SystemExit as error:
+        raise RuntimeError(f"rewarder called sys.exit({error.code!r})") from None
+    if not isinstance(value, REAL_TYPES):
+        raise TypeError(f"reward must be a real number (bool/int/float), got {type(value).__name__} {value!r:.40}")
+    value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"non-finite reward {value!r}")
     return value
@@ -83,9 +115,12 @@ def _run_warm_ups(rewarders: Mapping[str, Rewarder]) -> None:
 
 
 def _worker_main(requests: Connection, replies: Connection) -> None:
-    """Entry point of a pool worker: init message, warm-ups, then tasks until EOF."""
-    parent_sys_path, payload = requests.recv()
+    """Entry point of a pool worker: init message (sys.path, pickled rewarders, memory cap in
+    bytes or None), the address-space cap, warm-ups, then tasks until EOF."""
+    parent_sys_path, payload, memory_bytes = requests.recv()
     sys.path[:0] = [p for p in parent_sys_path if p not in sys.path]
+    if memory_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     try:
         rewarders = pickle.loads(payload)
         _run_warm_ups(rewarders)
@@ -104,9 +139,9 @@ def _worker_main(requests: Connection, replies: Connection) -> None:
 class _Worker:
     """One pool process (a spawned ``sandbox.Child``) and its current task."""
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, memory_bytes: int | None) -> None:
         self.child = sandbox.spawn(__name__, "_worker_main")
-        self.child.requests.send(([p for p in sys.path if p], payload))
+        self.child.requests.send(([p for p in sys.path if p], payload, memory_bytes))
         self.started_at = time.monotonic()
         self.ready = False
         self.task: int | None = None
@@ -145,6 +180,9 @@ class RewardExecutor:
       num_workers: pool size; 0 runs inline in the calling thread (see the module doc).
       timeout_s: limit for one rewarder call on one sample.
       failure_reward: component value given to a call that fails, hangs or is non-finite.
+      memory_bytes: address-space cap of each worker process (bytes; None = no cap).
+      say: where one-line reports go (default: stderr): the first error of each rewarder,
+        once per executor, and a warning for a batch where more than half the calls failed.
     """
 
     def __init__(
@@ -153,6 +191,8 @@ class RewardExecutor:
         num_workers: int = 0,
         timeout_s: float = 5.0,
         failure_reward: float = 0.0,
+        memory_bytes: int | None = DEFAULT_WORKER_MEMORY_BYTES,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         if not rewarders:
             raise ValueError("RewardExecutor needs at least one rewarder")
@@ -170,9 +210,12 @@ class RewardExecutor:
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._warmed_inline = False
+        self.memory_bytes = memory_bytes
+        self._say = say or _to_stderr
+        self._reported: set[str] = set()
         if num_workers > 0:
             self._payload = self._pickle_rewarders()
-            self._workers = [_Worker(self._payload) for _ in range(num_workers)]
+            self._workers = [_Worker(self._payload, self.memory_bytes) for _ in range(num_workers)]
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
 
     def _pickle_rewarders(self) -> bytes:
@@ -243,7 +286,23 @@ class RewardExecutor:
         metrics["reward/mean"] = float(total.mean()) if len(prompts) else 0.0
         metrics["reward/score_seconds"] = time.monotonic() - started
         metrics["reward/timeouts_enforced"] = 1.0 if enforced else 0.0
+        self._report(metrics, len(prompts))
         return total, components, metrics
+
+    def _report(self, metrics: Mapping[str, Any], rows: int) -> None:
+        """First error of each rewarder (once), and a warning when > half the calls failed."""
+        failed = 0
+        for name in self.names:
+            failures = int(metrics[f"reward/{name}/failures"])
+            failed += failures
+            if failures and name not in self._reported:
+                self._reported.add(name)
+                self._say(f"rewarder {name!r}: {failures}/{rows} calls failed in this batch; first error: "
+                          f"{metrics[f'reward/{name}/first_error']}")
+        calls = rows * len(self.names)
+        if calls and failed * 2 > calls:
+            self._say(f"warning: {failed}/{calls} reward calls failed in this batch (each scored "
+                      f"rewards.failure_reward={self.failure_reward})")
 
     def _score_inline(self, tasks, prompts, completions, examples):
         if not self._warmed_inline:
@@ -267,7 +326,7 @@ class RewardExecutor:
 
     def _replace(self, worker: _Worker) -> None:
         worker.child.kill()
-        self._workers[self._workers.index(worker)] = _Worker(self._payload)
+        self._workers[self._workers.index(worker)] = _Worker(self._payload, self.memory_bytes)
 
     def _score_pool(self, tasks, prompts, completions, examples):
         pending = deque(range(len(tasks)))

@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
+import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +27,14 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl import wiring
-from jaxrl.config import ConfigError, to_json, validate
+from jaxrl.config import ConfigError, config_changes, to_json, validate
 from jaxrl.eval.evaluate import evaluate_records, load_eval_records
 from jaxrl.models import model_params, save_pretrained, with_params
 from jaxrl.train import rollouts
 from jaxrl.train import step as train_step
+from jaxrl.train import health
 from jaxrl.train.checkpoint import Checkpointer
+from jaxrl.train.health import RunUnhealthy
 from jaxrl.train.metrics import MetricsLogger
 from jaxrl.train.optimise import make_updater, optimise
 from jaxrl.types import StepMetrics
@@ -45,13 +49,15 @@ class RunResult:
     """What ``train`` returns: the final state, where the run lives, how it ended.
 
     metrics: the per-step metric dicts this process computed (host floats).
-    stop_reason: "completed" | "signal" | "max_steps".
+    stop_reason: "completed" | "signal" | "max_steps". signal: the signal number that
+    stopped the run (SIGTERM/SIGINT), else None.
     """
 
     state: train_step.TrainState
     run_dir: str
     metrics: list[dict[str, Any]]
     stop_reason: str
+    signal: int | None = None
 
 
 @dataclasses.dataclass
@@ -120,9 +126,70 @@ class Run:
         self.collector.rewards.close()
 
 
-def start(cfg: ml_collections.ConfigDict) -> tuple[Run, LoopState, int | None]:
-    """Components + the initial (or resumed) loop state + the step resumed from (or None)."""
+def _note(text: str) -> None:
+    """A start-up line for the user (process 0, stderr), before the logger exists."""
+    if jax.process_index() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    directory = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _move_old_run_aside(run_dir: str) -> None:
+    """checkpoint.resume='off': a previous run in ``run_dir`` is renamed to ``<run_dir>.old-<time>``
+    so that it can never be resumed by accident (nothing is deleted)."""
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir) or jax.process_index() != 0:
+        return
+    aside = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 0
+    while os.path.exists(aside + (f"-{suffix}" if suffix else "")):
+        suffix += 1
+    aside += f"-{suffix}" if suffix else ""
+    os.rename(run_dir, aside)
+    _note(f"checkpoint.resume='off': moved the previous run to {aside}")
+
+
+def _check_resume_config(cfg: ml_collections.ConfigDict, run_dir: str, allow: Sequence[str]) -> None:
+    """Refuse to resume ``run_dir`` under a config that changes the experiment, unless every
+    changed key is in ``allow``; allowed changes are appended to RUN_DIR/config_history.jsonl."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            stored = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: stored config unreadable ({error}); resume refused (use --no-resume)") from None
+    changes = config_changes(stored, cfg)
+    refused = [key for key in changes if key not in allow]
+    if refused:
+        detail = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+        raise ConfigError(f"resuming {run_dir} with a changed config ({detail}); pass --allow-config-change "
+                          f"{','.join(refused)} to accept, or start a new run.name / --no-resume")
+    if changes and jax.process_index() == 0:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}
+        with open(os.path.join(run_dir, "config_history.jsonl"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        _note(f"resuming with config changes: {', '.join(changes)} (recorded in config_history.jsonl)")
+
+
+def start(cfg: ml_collections.ConfigDict, allow_config_change: Sequence[str] = ()
+          ) -> tuple[Run, LoopState, int | None]:
+    """Components + the initial (or resumed) loop state + the step resumed from (or None).
+
+    allow_config_change: config keys that may differ from the stored config on resume.
+    """
     run_dir = wiring.run_dir_of(cfg)
+    resume = cfg.checkpoint.resume
+    if resume == "off":
+        _move_old_run_aside(run_dir)
+    elif _has_checkpoints(run_dir):
+        _check_resume_config(cfg, run_dir, allow_config_change)
+    elif resume == "on":
+        raise ConfigError(f"checkpoint.resume='on' but {os.path.join(run_dir, 'checkpoints')} has no checkpoint")
     os.makedirs(run_dir, exist_ok=True)
     mesh = wiring.mesh_of(cfg)
     policy = wiring.load_policy(cfg, mesh)
@@ -135,8 +202,12 @@ def start(cfg: ml_collections.ConfigDict) -> tuple[Run, LoopState, int | None]:
     state_sharding = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
     state = jax.device_put(state, state_sharding)
     algorithm = wiring.algorithm(cfg)
-    data = wiring.prompt_iterator(cfg, policy.tokenizer, wiring.data_files(cfg, "train"), cfg.rl.prompts_per_step,
-                                  shuffle=cfg.data.shuffle, num_epochs=None)
+    try:
+        data = wiring.prompt_iterator(cfg, policy.tokenizer, wiring.data_files(cfg, "train"),
+                                      cfg.rl.prompts_per_step, shuffle=cfg.data.shuffle, num_epochs=None)
+    except (ValueError, KeyError) as error:  # empty, all-bad or unreadable prompt files: one line
+        text = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise ConfigError(f"data.train_files: {text}") from None
     collector = rollouts.Collector(backend=wiring.rollout_backend(cfg, policy.model_cfg, mesh), data=data,
                                    rewards=wiring.reward_executor(cfg), tokenizer=policy.tokenizer, cfg=cfg,
                                    row_sharding=row_sharding)
@@ -154,14 +225,18 @@ def start(cfg: ml_collections.ConfigDict) -> tuple[Run, LoopState, int | None]:
         ref_params=jax.tree.map(jnp.copy, state.params) if algorithm.loss.kl_coef > 0 else None,
     )
     loop_state = LoopState(train=state, data_state=data.get_state())
-    latest = run.checkpointer.latest_step()
-    if cfg.checkpoint.resume == "off" or latest is None:
-        if cfg.checkpoint.resume == "on":
-            raise ConfigError(f"checkpoint.resume='on' but {run.checkpointer.directory} has no checkpoint")
+    if resume == "off":
         return run, loop_state, None
-    restored, meta = run.checkpointer.restore(latest, state)
+    try:
+        found = run.checkpointer.restore_latest(state, _note)
+    except BaseException:
+        run.close()
+        raise
+    if found is None:
+        return run, loop_state, None
+    step, restored, meta = found
     data.set_state(meta["data_state"])
-    return run, LoopState(restored, meta["data_state"], int(meta["consecutive_bad_steps"])), latest
+    return run, LoopState(restored, meta["data_state"], int(meta["consecutive_bad_steps"])), step
 
 
 def run_step(run: Run, loop_state: LoopState, logger: MetricsLogger) -> tuple[LoopState, StepMetrics, list[dict]]:
@@ -227,34 +302,67 @@ def _open_logger(run: Run, resumed_from: int | None) -> MetricsLogger:
     return logger
 
 
-def _save(run: Run, loop_state: LoopState) -> float:
-    started = time.monotonic()
-    run.checkpointer.save(int(loop_state.train.step), loop_state.train, loop_state.checkpoint_meta(run.cfg))
-    return time.monotonic() - started
+def _check_health(run: Run, loop_state: LoopState, tracker: health.HealthTracker, step_number: int,
+                  metrics: dict[str, Any], samples: list[dict]) -> None:
+    """RunUnhealthy when the state after step ``step_number`` is non-finite or the policy has
+    collapsed for ``train.max_bad_steps`` steps; the unhealthy checkpoints are then moved aside."""
+    reasons = health.collapse_reasons([s["completion"] for s in samples], metrics)
+    if reasons:  # these rollouts came from the state saved after the previous step
+        run.checkpointer.mark_unhealthy(step_number - 1)
+    stop = tracker.observe(reasons)
+    metrics["health/collapsed_steps"] = float(tracker.collapsed_steps)
+    problem = None
+    if not health.all_finite(loop_state.train):
+        problem = f"step {step_number}: parameters or optimizer state became non-finite after the update"
+    elif stop:
+        problem = (f"policy collapsed for {tracker.collapsed_steps} steps ({'; '.join(reasons)}; "
+                   f"train.max_bad_steps={run.cfg.train.max_bad_steps})")
+    if problem is not None:
+        healthy = run.checkpointer.quarantine_unhealthy()
+        kept = f"newest healthy checkpoint: step {healthy}" if healthy is not None else "no healthy checkpoint"
+        raise RunUnhealthy(f"{problem}; {kept} (later ones moved to checkpoints_unhealthy/)")
 
 
-def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None) -> RunResult:
+def _remove_new_run_dir(run_dir: str, existed: bool) -> None:
+    """A start-up that failed leaves no run directory behind that it created itself."""
+    if not existed and jax.process_index() == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None,
+          allow_config_change: Sequence[str] = ()) -> RunResult:
     """Run (or resume) the experiment described by ``cfg`` until ``train.num_steps``.
 
     max_steps: stop after this many steps in this call (for tests and staged runs).
+    allow_config_change: config keys that may differ from the stored config on resume.
     Writes RUN_DIR/config.json, metrics.jsonl, samples.jsonl, checkpoints/, final_model/.
     Raises ConfigError on bad config, TrainingDiverged after ``train.max_bad_steps``
-    consecutive non-finite steps (the last good checkpoint is kept).
+    consecutive non-finite steps (the last good checkpoint is kept), RunUnhealthy when the
+    weights become non-finite or the policy collapses (the newest healthy checkpoint is kept).
     """
     validate(cfg, num_devices=jax.device_count())
-    run, loop_state, resumed_from = start(cfg)
-    if run.is_writer:
-        with open(os.path.join(run.run_dir, "config.json"), "w") as handle:
-            handle.write(to_json(cfg))
+    existed = os.path.exists(wiring.run_dir_of(cfg))
+    run = logger = None
+    try:
+        run, loop_state, resumed_from = start(cfg, allow_config_change)
+        if run.is_writer:
+            with open(os.path.join(run.run_dir, "config.json"), "w") as handle:
+                handle.write(to_json(cfg))
+        logger = _open_logger(run, resumed_from)
+    except BaseException:
+        if run is not None:
+            run.close()
+        _remove_new_run_dir(wiring.run_dir_of(cfg), existed)
+        raise
     history: list[dict[str, Any]] = []
     stop_reason = "completed"
     last_saved = resumed_from
     checkpoint_time = 0.0
-    logger = None
+    tracker = health.HealthTracker(limit=cfg.train.max_bad_steps)
+    stop = _StopSignal()
     try:
-        logger = _open_logger(run, resumed_from)
         # Under the mesh, the layer scan pins activation rows to data/fsdp (models.sharding.constrain).
-        with _StopSignal() as stop, jax.set_mesh(run.mesh):
+        with stop, jax.set_mesh(run.mesh):
             while int(loop_state.train.step) < cfg.train.num_steps:
                 if max_steps is not None and len(history) >= max_steps:
                     stop_reason = "max_steps"
@@ -270,7 +378,10 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None) -> Ru
                 metrics["time/checkpoint"] = checkpoint_time  # the save after the previous step
                 metrics["time/step"] = time.monotonic() - step_started
                 metrics["throughput/tokens_per_s"] = metrics["generated_tokens"] / max(metrics["time/step"], 1e-9)
-                logger.log_step(step_number, metrics)
+                try:
+                    _check_health(run, loop_state, tracker, step_number, metrics, samples)
+                finally:
+                    logger.log_step(step_number, metrics)
                 if cfg.logging.samples_every and step_number % cfg.logging.samples_every == 0:
                     logger.log_samples(step_number, samples[: cfg.logging.num_samples])
                 history.append(metrics)
@@ -280,7 +391,10 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None) -> Ru
                 checkpoint_time = 0.0
                 final = step_number >= cfg.train.num_steps
                 if not bad and (step_number % cfg.checkpoint.every_steps == 0 or final or stop.received):
-                    checkpoint_time = _save(run, loop_state)
+                    started = time.monotonic()
+                    run.checkpointer.save(step_number, loop_state.train, loop_state.checkpoint_meta(cfg),
+                                          healthy=tracker.healthy)
+                    checkpoint_time = time.monotonic() - started
                     last_saved = step_number
                 if loop_state.consecutive_bad_steps >= cfg.train.max_bad_steps:
                     raise TrainingDiverged(
@@ -296,7 +410,9 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None) -> Ru
             save_pretrained(with_params(run.policy.model, loop_state.train.params),
                             os.path.join(run.run_dir, "final_model"))
     finally:
-        run.close()
-        if logger is not None:
+        try:
+            run.close()
+        finally:
             logger.close()
-    return RunResult(state=loop_state.train, run_dir=run.run_dir, metrics=history, stop_reason=stop_reason)
+    return RunResult(state=loop_state.train, run_dir=run.run_dir, metrics=history, stop_reason=stop_reason,
+                     signal=stop.received if stop_reason == "signal" else None)
