@@ -30,14 +30,13 @@ import numpy as np
 
 from jaxrl import wiring
 from jaxrl.config import ConfigError, config_from_json, load_config, validate
-from jaxrl.data.tokenizer import decode_completion, encode_prompt, load_tokenizer
-from jaxrl.eval.evaluate import evaluate_records, load_eval_records
+from jaxrl.data.tokenizer import decode_completion, encode_prompt
+from jaxrl.eval.evaluate import evaluate_sets
 from jaxrl.eval.report import heldout_before_after
 from jaxrl.models import from_pretrained, model_params, save_pretrained, with_params
-from jaxrl.sampling.backend import make_backend
-from jaxrl.sampling.engine import SamplingConfig
 from jaxrl.sharding.mesh import maybe_initialize_distributed
 from jaxrl.sharding.transfer import host_array
+from jaxrl.sharding.watchdog import PEER_FAILED_EXIT, PeerFailure, start_watchdog
 from jaxrl.train import step as train_step
 from jaxrl.train.checkpoint import CheckpointError, Checkpointer
 from jaxrl.train.health import RunUnhealthy
@@ -81,7 +80,23 @@ def cmd_train(args, overrides) -> int:
             if not hasattr(node, "keys") or part not in node:
                 raise UserError(f"--allow-config-change: unknown config key {key!r}")
             node = node[part]
-    result = train(cfg, allow_config_change=allowed)
+    # Multi-process runs: a process that fails tells the others, and a silent one is found by
+    # its missing heartbeat; both end every process with a line naming the failed one.
+    watchdog = start_watchdog(timeout_s=cfg.distributed.heartbeat_timeout_s)
+    try:
+        with watchdog.guard():
+            result = train(cfg, allow_config_change=allowed, watchdog=watchdog)
+    except PeerFailure as error:
+        print(f"jaxrl train: stopped: {_one_line(error)}", file=sys.stderr)
+        watchdog.exit(PEER_FAILED_EXIT)
+        raise
+    except Exception as error:
+        code = _user_error_code("train", error)
+        if code is None or not watchdog.active:
+            raise
+        watchdog.exit(code)
+        raise
+    watchdog.stop()
     print(f"{result.stop_reason}: step {int(result.state.step)}, run dir {result.run_dir}")
     if result.signal is not None:
         return SIGNAL_BASE + result.signal
@@ -104,16 +119,16 @@ def cmd_eval(args, overrides) -> int:
     mesh = wiring.mesh_of(cfg)
     with jax.set_mesh(mesh):
         policy = wiring.load_policy(cfg, mesh, model_dir=model_dir)
-        records = load_eval_records(cfg, policy.tokenizer)
-        report = evaluate_records(model_params(policy.model), policy.model_cfg, policy.tokenizer, records, cfg,
-                                  key=jax.random.PRNGKey(cfg.run.seed), mesh=mesh)
-    report["model"] = os.path.abspath(model_dir)
+        reports = evaluate_sets(model_params(policy.model), policy.model_cfg, policy.tokenizer, cfg,
+                                key=jax.random.PRNGKey(cfg.run.seed), mesh=mesh)
+    if not reports:
+        raise UserError("no held-out set: set eval.sets, eval.files or data.source='synthetic'")
     out = args.out or os.path.join(cfg.run.root, cfg.run.name, "eval", "eval.json")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print(json.dumps(report["summary"], indent=2))
+            json.dump({"model": os.path.abspath(model_dir), "sets": reports}, handle, indent=2)
+        print(json.dumps({name: report["summary"] for name, report in reports.items()}, indent=2))
         print(f"report: {out}")
     return 0
 
@@ -162,22 +177,24 @@ def cmd_plot(args, overrides) -> int:
 
 
 def cmd_sample(args, overrides) -> int:
-    if overrides:
-        raise UserError(f"sample takes no config overrides, got {overrides}")
+    cfg = load_config(args.config, list(overrides), check_files=False)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UserError(f"--model: no HF model (config.json) in {args.model}")
-    model, model_cfg = from_pretrained(args.model)
-    tokenizer = load_tokenizer(args.model)
-    ids = encode_prompt(tokenizer, args.prompt, use_chat_template=not args.no_chat_template)
-    cfg = SamplingConfig(max_prompt_tokens=max(len(ids), 1), max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p)
-    backend = make_backend("static", model_cfg, cfg, None)
-    rollout = backend.generate(model_params(model), np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32),
-                               args.n, jax.random.PRNGKey(args.seed))
-    tokens, lengths = host_array(rollout.tokens), host_array(rollout.lengths)
-    for i in range(args.n):
-        print(f"--- sample {i} ({int(lengths[i])} tokens)")
-        print(decode_completion(tokenizer, tokens[i, : lengths[i]]))
+    _start_distributed(cfg)
+    mesh = wiring.mesh_of(cfg)
+    with jax.set_mesh(mesh):
+        policy = wiring.load_policy(cfg, mesh, model_dir=args.model)
+        ids = encode_prompt(policy.tokenizer, args.prompt, use_chat_template=not args.no_chat_template)
+        cfg.data.max_prompt_tokens = max(len(ids), 1)
+        cfg.sampling.max_new_tokens = args.max_new_tokens
+        backend = wiring.rollout_backend(cfg, policy.model_cfg, mesh, temperature=args.temperature, top_p=args.top_p)
+        rollout = backend.generate(model_params(policy.model), np.asarray([ids], np.int32),
+                                   np.asarray([len(ids)], np.int32), args.n, jax.random.PRNGKey(args.seed))
+        tokens, lengths = host_array(rollout.tokens), host_array(rollout.lengths)
+    if jax.process_index() == 0:
+        for i in range(args.n):
+            print(f"--- sample {i} ({int(lengths[i])} tokens)")
+            print(decode_completion(policy.tokenizer, tokens[i, : lengths[i]]))
     return 0
 
 
@@ -233,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate completions for one prompt")
     p.add_argument("--model", required=True, help="HF model directory (tokenizer files inside)")
+    p.add_argument("--config", default="default",
+                   help="experiment file for dtype, mesh and stop ids (default: the shipped default)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -261,21 +280,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, overrides = build_parser().parse_known_args(argv)
     try:
         return args.func(args, overrides)
-    except (ConfigError, UserError, FileNotFoundError, DependencyMissing, CheckpointError) as error:
-        print(f"jaxrl {args.command}: error: {_one_line(error)}", file=sys.stderr)
-        return USER_ERROR
-    except OSError as error:
-        if error.errno not in ENVIRONMENT_ERRNOS:
+    except Exception as error:
+        code = _user_error_code(args.command, error)
+        if code is None:
             raise
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"jaxrl {args.command}: error: {where}{error.strerror or _one_line(error)}", file=sys.stderr)
+        return code
+
+
+def _user_error_code(command: str, error: BaseException) -> int | None:
+    """Prints the one-line message of a user/environment error and returns its exit status;
+    None for anything else (a programming error keeps its traceback)."""
+    if isinstance(error, (ConfigError, UserError, FileNotFoundError, DependencyMissing, CheckpointError)):
+        print(f"jaxrl {command}: error: {_one_line(error)}", file=sys.stderr)
         return USER_ERROR
-    except TrainingDiverged as error:
-        print(f"jaxrl {args.command}: stopped: {_one_line(error)}", file=sys.stderr)
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"jaxrl {command}: error: {where}{error.strerror or _one_line(error)}", file=sys.stderr)
+        return USER_ERROR
+    if isinstance(error, TrainingDiverged):
+        print(f"jaxrl {command}: stopped: {_one_line(error)}", file=sys.stderr)
         return DIVERGED
-    except RunUnhealthy as error:
-        print(f"jaxrl {args.command}: stopped: {_one_line(error)}", file=sys.stderr)
+    if isinstance(error, RunUnhealthy):
+        print(f"jaxrl {command}: stopped: {_one_line(error)}", file=sys.stderr)
         return UNHEALTHY
+    return None
 
 
 def _one_line(error: BaseException) -> str:

@@ -48,7 +48,9 @@ def test_eval_writes_a_json_report(trained_run, tiny_model_dir, tmp_path):
                               "    cfg.eval.max_examples = 4\n    cfg.eval.num_samples = 2\n")
     out = str(tmp_path / "report.json")
     assert cli.main(["eval", "--config", config, "--model", tiny_model_dir, "--out", out]) == 0
-    summary = json.load(open(out))["summary"]
+    sets = json.load(open(out))["sets"]
+    assert list(sets) == ["heldout"]  # the synthetic task's held-out split
+    summary = sets["heldout"]["summary"]
     assert summary["num_problems"] == 4 and summary["k"] == 2
     for key in ("greedy_accuracy", "avg_at_k", "pass_at_1", "pass_at_2"):
         assert 0.0 <= summary[key] <= 1.0, key

@@ -175,5 +175,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = auto-detect
     c.distributed.num_processes = 0  # with coordinator_address: total processes
     c.distributed.process_id = -1  # with coordinator_address: this process's index
+    c.distributed.heartbeat_timeout_s = 30.0  # a process silent this long is reported dead (all stop)
     c.lock()
     return c

@@ -50,6 +50,7 @@ _POSITIVE = (
     "rl.logprob_chunk_size", "train.num_steps", "train.max_bad_steps", "checkpoint.every_steps",
     "checkpoint.keep", "rewards.timeout_s", "eval.max_examples", "eval.num_samples", "eval.batch_prompts",
     "rl.lr",
+    "distributed.heartbeat_timeout_s",
 )
 _NON_NEGATIVE = (
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "rl.tis_cap", "rewards.num_workers",

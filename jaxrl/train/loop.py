@@ -33,6 +33,7 @@ from jaxrl.models import model_params, save_pretrained, with_params
 from jaxrl.train import rollouts
 from jaxrl.train import step as train_step
 from jaxrl.train import health
+from jaxrl.sharding.watchdog import Watchdog
 from jaxrl.train.checkpoint import Checkpointer
 from jaxrl.train.health import RunUnhealthy
 from jaxrl.train.metrics import MetricsLogger
@@ -261,6 +262,7 @@ def run_step(run: Run, loop_state: LoopState, logger: MetricsLogger) -> tuple[Lo
     loop_state = LoopState(state, run.collector.data.get_state(), loop_state.consecutive_bad_steps + 1 if bad else 0)
     metrics["lr"] = float(run.lr_schedule(step_number - 1))
     metrics["data/rows_malformed"] = float(run.collector.data.stats.rows_malformed)
+    metrics.update({f"data/skipped/{reason}": float(n) for reason, n in run.collector.data.stats.skipped.items()})
     metrics["compiles/update"] = float(train_step.TRACE_COUNTS["update"])
     metrics["compiles/logprobs"] = float(train_step.TRACE_COUNTS["logprobs"])
     metrics["skipped_updates_total"] = float(int(state.skipped_updates))
@@ -330,10 +332,11 @@ def _remove_new_run_dir(run_dir: str, existed: bool) -> None:
 
 
 def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None,
-          allow_config_change: Sequence[str] = ()) -> RunResult:
+          allow_config_change: Sequence[str] = (), watchdog: Watchdog | None = None) -> RunResult:
     """Run (or resume) the experiment described by ``cfg`` until ``train.num_steps``.
 
     max_steps: stop after this many steps in this call (for tests and staged runs).
+    watchdog: multi-process failure detection (``jaxrl.sharding.watchdog``), checked each step.
     allow_config_change: config keys that may differ from the stored config on resume.
     Writes RUN_DIR/config.json, metrics.jsonl, samples.jsonl, checkpoints/, final_model/.
     Raises ConfigError on bad config, TrainingDiverged after ``train.max_bad_steps``
@@ -367,6 +370,8 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None,
                 if max_steps is not None and len(history) >= max_steps:
                     stop_reason = "max_steps"
                     break
+                if watchdog is not None:  # raises PeerFailure when another process failed
+                    watchdog.check(int(loop_state.train.step) + 1)
                 step_started = time.monotonic()
                 loop_state, step_metrics, samples = run_step(run, loop_state, logger)
                 step_number, metrics = step_metrics.step, step_metrics.values
