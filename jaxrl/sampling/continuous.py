@@ -37,21 +37,13 @@ from jax import lax
 from jaxrl.kernels.backend import resolve_impl
 from jaxrl.kernels.noise import _GOLDEN  # the row-index multiplier of row_seeds (shifts rows)
 from jaxrl.kernels.noise import make_key_data
-from jaxrl.kernels.paged_attention import gather_pages, paged_attention
 from jaxrl.kernels.sampling import sample_tokens
 from jaxrl.models.config import ModelConfig
-from jaxrl.models.transformer import _block  # one decoder layer with a pluggable attention
-from jaxrl.models.transformer import (
-    Params,
-    attention,
-    embed,
-    logits_from_hidden,
-    rms_norm,
-    rope_inverse_frequencies,
-)
+from jaxrl.models.transformer import Params, logits_from_hidden
 from jaxrl.sampling import paged_cache as pc
 from jaxrl.sampling.backend import register_backend
 from jaxrl.sampling.config import SamplingConfig
+from jaxrl.sampling.paged_forward import EnginePlan, paged_decode_step, paged_prefill_chunk
 from jaxrl.sampling.static import bucket_size
 from jaxrl.types import FINISH_LENGTH, FINISH_STOP, Rollout
 
@@ -61,37 +53,6 @@ _TRACE_COUNTS: collections.Counter = collections.Counter()
 def trace_count() -> int:
     """Number of times the continuous engine's rollout function was traced so far."""
     return sum(_TRACE_COUNTS.values())
-
-
-@dataclasses.dataclass(frozen=True)
-class EnginePlan:
-    """Everything static about one compiled rollout (the jit cache key).
-
-    slots: decode slots S; page_size: slots per page; prefill_chunk: C (a multiple of
-    page_size); pages: pool pages per layer (incl. the trash page); prompt_pages: Pp (pages of
-    the widest prompt); samples_per_prompt: n; max_new_tokens: T (output width).
-    """
-
-    model_cfg: ModelConfig
-    slots: int
-    page_size: int
-    prefill_chunk: int
-    pages: int
-    prompt_pages: int
-    samples_per_prompt: int
-    max_new_tokens: int
-    pad_id: int
-    sampler_impl: str
-    attention_impl: str
-
-    @property
-    def completion_pages(self) -> int:
-        """Cp: pages a row's completion may need (its last token's K/V is never written)."""
-        return -(-(self.max_new_tokens - 1) // self.page_size) if self.max_new_tokens > 1 else 0
-
-    @property
-    def table_width(self) -> int:
-        return self.prompt_pages + self.completion_pages
 
 
 def row_key_data(key: jax.Array, rows: jax.Array, token_index: jax.Array, slots: jax.Array
@@ -107,82 +68,6 @@ def row_key_data(key: jax.Array, rows: jax.Array, token_index: jax.Array, slots:
     words = lax.bitcast_convert_type(words, jnp.int32)
     shifted = words[:, 1] + (rows - slots) * _GOLDEN
     return lax.bitcast_convert_type(jnp.stack([words[:, 0], shifted], axis=1), jnp.uint32)
-
-
-def _layer_params(params: Params, layer: jax.Array) -> Params:
-    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, layer, keepdims=False), params["blocks"])
-
-
-def _run_layers(params, cfg, x, positions, pool, attend_fn):
-    """x [B, T, D] through every layer; ``attend_fn(layer, pool, q, k, v) -> (out, pool)``."""
-    inv_freq = rope_inverse_frequencies(cfg)
-
-    def layer(i, carry):
-        x, pool = carry
-        x, pool = _block(cfg, inv_freq, x, _layer_params(params, i), positions,
-                         functools.partial(attend_fn, i, pool))
-        return x, pool
-
-    x, pool = lax.fori_loop(0, cfg.num_layers, layer, (x, pool))
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), pool
-
-
-def _decode_forward(params, plan: EnginePlan, pool, tokens, positions, tables, starts, write_slot,
-                    decoding):
-    """One token per slot: write its K/V at logical ``write_slot`` and attend to [start, slot].
-
-    tokens / positions / starts / write_slot int32 [S], tables int32 [S, W], decoding bool [S]
-    (idle slots write to the trash page and attend to nothing). Returns hidden [S, D], pool."""
-    page, num_pages = plan.page_size, plan.pages
-    rows = jnp.arange(tables.shape[0])
-    page_ids = jnp.where(decoding, tables[rows, write_slot // page], pc.trash_page(num_pages))
-    ends = jnp.where(decoding, write_slot + 1, starts)
-    impl = plan.attention_impl
-
-    def attend(layer, pool, q, k, v):
-        base = layer * num_pages
-        pool = pool._replace(k=pc.write_tokens(pool.k, base, page_ids, write_slot % page, k[:, 0]),
-                             v=pc.write_tokens(pool.v, base, page_ids, write_slot % page, v[:, 0]))
-        out = paged_attention(q[:, 0], pool.k, pool.v, tables + base, starts, ends, impl=impl)
-        return out[:, None], pool
-
-    x = embed(params, plan.model_cfg, tokens[:, None])
-    hidden, pool = _run_layers(params, plan.model_cfg, x, positions[:, None], pool, attend)
-    return hidden[:, 0], pool
-
-
-def _prefill_chunk(params, plan: EnginePlan, pool, prompt_row, table_row, prompt_len, chunk):
-    """Chunk ``chunk`` of one prompt: logical slots [chunk * C, chunk * C + C) of its pages.
-
-    prompt_row int32 [Pp * page + C]: the prompt left-padded to ``Pp * page``, then padding;
-    table_row int32 [Pp + C / page] (trash past the prompt's pages); prompt_len: real tokens.
-    The prompt occupies logical slots [start, n_pp * page), start = n_pp * page - prompt_len.
-    Returns hidden [C, D] (row j = logical slot chunk * C + j) and the pool."""
-    cfg, page, c = plan.model_cfg, plan.page_size, plan.prefill_chunk
-    prompt_slots = -(-prompt_len // page) * page
-    start = prompt_slots - prompt_len
-    offset = plan.prompt_pages * page - prompt_slots
-    first = chunk * c
-    tokens = lax.dynamic_slice_in_dim(prompt_row, offset + first, c)
-    query_slot = first + jnp.arange(c)
-    positions = jnp.maximum(query_slot - start, 0)
-    chunk_pages = lax.dynamic_slice_in_dim(table_row, first // page, c // page)
-    key_slot = jnp.arange(plan.prompt_pages * page)
-    mask = (key_slot[None, :] >= start) & (key_slot[None, :] <= query_slot[:, None])
-    tables = table_row[None, :plan.prompt_pages]
-
-    def attend(layer, pool, q, k, v):
-        base = layer * plan.pages
-        shape = (c // page, page) + k.shape[2:]
-        pool = pool._replace(k=pc.write_pages(pool.k, base, chunk_pages, k[0].reshape(shape)),
-                             v=pc.write_pages(pool.v, base, chunk_pages, v[0].reshape(shape)))
-        keys = gather_pages(pool.k, tables + base).astype(q.dtype)
-        values = gather_pages(pool.v, tables + base).astype(q.dtype)
-        return attention(q, keys, values, mask[None]), pool
-
-    x = embed(params, cfg, tokens[None])
-    hidden, pool = _run_layers(params, cfg, x, positions[None], pool, attend)
-    return hidden[0], pool
 
 
 def _admit(state, plan: EnginePlan, prompt_lengths):
@@ -225,7 +110,7 @@ def _decode(state, params, plan: EnginePlan):
         jnp.where(decoding & ((gen - 1) % page == 0), ids, state["table"][slots, column]))
 
     def run(pool):
-        return _decode_forward(params, plan, pool, state["last"], plen + gen - 1, table,
+        return paged_decode_step(params, plan, pool, state["last"], plen + gen - 1, table,
                                prompt_slots - plen, write_slot, decoding)
 
     def idle(pool):
@@ -250,7 +135,7 @@ def _prefill(state, params, plan: EnginePlan, prompt_rows, prompt_lengths, num_p
             chunk == 0, lambda p: pc.allocate(p, jnp.arange(plan.prompt_pages) < pages_needed),
             lambda p: (p, prompt_table[cursor, :plan.prompt_pages]), pool)
         prompt_table = prompt_table.at[cursor, :plan.prompt_pages].set(ids)
-        hidden, pool = _prefill_chunk(params, plan, pool, prompt_rows[cursor], prompt_table[cursor],
+        hidden, pool = paged_prefill_chunk(params, plan, pool, prompt_rows[cursor], prompt_table[cursor],
                                       plen, chunk)
         last_slot = pages_needed * page - 1
         finished = last_slot < (chunk + 1) * plan.prefill_chunk
