@@ -291,7 +291,8 @@ class ContinuousBackend:
                  key: jax.Array, *, temperature: float | None = None,
                  top_p: float | None = None) -> Rollout:
         """See :class:`jaxrl.sampling.backend.RolloutBackend`; rows as the static backend's
-        (prompt_tokens [N * n, P_b] left-padded, tokens / logprobs / entropies [N * n, T])."""
+        (prompt_tokens [N * n, P_b] left-padded, tokens / logprobs / entropies [N * n, T]).
+        temperature / top_p may also be per-row arrays [N * n]."""
         cfg = self.sampling_cfg
         tokens_in = np.asarray(prompt_tokens, np.int32)
         lengths_in = np.asarray(prompt_lengths, np.int32)
@@ -309,12 +310,17 @@ class ContinuousBackend:
         for i, length in enumerate(lengths_in):
             rows[i, full - length:full] = tokens_in[i, width - length:]
         lengths = np.concatenate([lengths_in, np.ones(padded - num_prompts, np.int32)])
-        per_row = lambda value, dtype: jnp.full((padded * n,), value, dtype)
+        def per_row(name, value, dtype):  # a scalar or one value per row [N * n]; pad rows get it too
+            value = np.asarray(value, dtype)
+            if value.ndim and value.shape != (num_prompts * n,):
+                raise ValueError(f"{name} must be a scalar or have shape [{num_prompts * n}], got {value.shape}")
+            return jnp.asarray(np.resize(np.broadcast_to(value, (num_prompts * n,)), padded * n))
+
         is_stop = jnp.zeros((self.model_cfg.vocab_size,), bool).at[jnp.asarray(self.stop_token_ids, jnp.int32)].set(True)
         out = rollout(params, jnp.asarray(rows), jnp.asarray(lengths), jnp.int32(num_prompts), key,
                       is_stop, jnp.int32(cfg.max_new_tokens),
-                      per_row(cfg.temperature if temperature is None else temperature, jnp.float32),
-                      per_row(cfg.top_k, jnp.int32), per_row(cfg.top_p if top_p is None else top_p, jnp.float32),
+                      per_row("temperature", cfg.temperature if temperature is None else temperature, np.float32),
+                      per_row("top_k", cfg.top_k, np.int32), per_row("top_p", cfg.top_p if top_p is None else top_p, np.float32),
                       plan=plan)
         stats = {k: int(v) for k, v in jax.device_get({k: out[k] for k in ("rows_done", "iterations", "peak_pages", "free_pages")}).items()}
         if stats["rows_done"] != num_prompts * n or stats["free_pages"] != plan.pages - 1:
