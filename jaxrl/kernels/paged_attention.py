@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxrl.kernels.attention import decode_attention_reference
+from jaxrl.kernels.attention import decode_attention_reference, online_softmax_step
 
 _NEG_INF = float("-inf")
 _MIN_DOT_DIM = 16  # Triton's tl.dot needs every matmul dimension >= 16
@@ -86,21 +86,13 @@ def _paged_kernel(q_ref, k_ref, v_ref, table_ref, bounds_ref, o_ref, *, scale, p
     offsets = lax.broadcasted_iota(jnp.int32, (page,), 0)
 
     def body(j, carry):
-        m, total, acc = carry
         page_id = table_ref[pl.ds(j, 1)]  # [1]: a gather load, as in jax's GPU paged attention
         k = k_ref[page_id].reshape(page, head_dim).astype(jnp.float32)
         v = v_ref[page_id].reshape(page, head_dim).astype(jnp.float32)
         slot = j * page + offsets
         attend = (slot >= start) & (slot < end)
         scores = plgpu.dot(q, k, trans_b=True)  # [Gp, page]
-        scores = jnp.where(attend[None, :], scores, _NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new > _NEG_INF, m_new, 0.0)
-        correction = jnp.exp(m - m_safe)
-        probs = jnp.exp(scores - m_safe)
-        total = correction * total + jnp.sum(probs, axis=1, keepdims=True)
-        acc = correction * acc + plgpu.dot(probs, v)
-        return m_new, total, acc
+        return online_softmax_step(carry, jnp.where(attend[None, :], scores, _NEG_INF), v)
 
     init = (
         jnp.full((group_pad, 1), _NEG_INF, jnp.float32),
