@@ -152,3 +152,27 @@ def test_bad_inputs_name_the_field(params):
         continuous.ContinuousBackend(MODEL, SAMPLING, None, prefill_chunk=24)
     with pytest.raises(ValueError, match="pages"):
         continuous.ContinuousBackend(MODEL, SAMPLING, None, pages=3).plan(8, 2)
+
+
+def test_free_list_pops_and_pushes_by_hand():
+    from jaxrl.sampling import paged_cache as pc
+
+    pool = pc.init_pool(MODEL, pages_per_layer=5, page_size=16)  # pages 0..3 + trash page 4
+    assert int(pool.num_free) == 4 and pool.k.shape == (MODEL.num_layers * 5, 16, 2, 16)
+    pool, ids = pc.allocate(pool, jnp.array([True, False, True]))
+    assert ids.tolist() == [0, 4, 1] and int(pool.num_free) == 2
+    pool = pc.release(pool, jnp.array([1, 0, 3]), jnp.array([False, True, False]))
+    assert int(pool.num_free) == 3
+    pool, ids = pc.allocate(pool, jnp.array([True, True, True]))
+    assert sorted(ids.tolist()) == [0, 2, 3] and int(pool.num_free) == 0
+
+
+def test_slot_noise_is_the_static_engines_row_noise():
+    """Slot s holding row r at token g draws the noise of row r at step g of the static engine."""
+    from jaxrl.kernels.noise import gumbel_noise, make_key_data
+
+    key, rows, steps = jax.random.key(9), jnp.array([7, 0, 12]), jnp.array([3, 5, 3])
+    got = gumbel_noise(continuous.row_key_data(key, rows, steps, jnp.arange(3)), 3, 64)
+    for s in range(3):
+        want = gumbel_noise(make_key_data(key, int(steps[s])), 16, 64)[int(rows[s])]
+        np.testing.assert_array_equal(np.asarray(got[s]), np.asarray(want))
