@@ -176,3 +176,15 @@ def test_slot_noise_is_the_static_engines_row_noise():
     for s in range(3):
         want = gumbel_noise(make_key_data(key, int(steps[s])), 16, 64)[int(rows[s])]
         np.testing.assert_array_equal(np.asarray(got[s]), np.asarray(want))
+
+
+@pytest.mark.slow
+def test_pallas_paged_kernel_in_the_engine_matches_reference(params, backends):
+    """The engine with the Pallas paged-attention kernel (interpret mode on CPU) draws the same
+    sampled rollout as with the jnp reference."""
+    tokens, lengths = _prompts(8)
+    key = jax.random.key(11)
+    kernel = make_backend("continuous", MODEL, SAMPLING.replace(attention_impl="pallas"), None,
+                          max_rows_per_call=3)
+    _assert_same(_arrays(kernel.generate(params, tokens, lengths, N_SAMPLES, key)),
+                 _arrays(backends[0].generate(params, tokens, lengths, N_SAMPLES, key)))
