@@ -27,6 +27,7 @@ from jaxrl.rewards.registry import get_task
 from jaxrl.rewards.shaping import make_overlong_rewarder
 from jaxrl.rl.advantages import AdvantageConfig
 from jaxrl.rl.losses import LossConfig
+import jaxrl.sampling.continuous  # noqa: F401  registers the "continuous" rollout backend
 from jaxrl.sampling.backend import RolloutBackend, make_backend
 from jaxrl.sampling.engine import SamplingConfig
 from jaxrl.sharding.mesh import make_mesh

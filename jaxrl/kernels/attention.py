@@ -54,6 +54,19 @@ def decode_attention_reference(q, k_cache, v_cache, valid, *, scale=None):
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
+def online_softmax_step(carry, scores, v):
+    """One flash-attention step inside a Pallas/Triton kernel: carry (running max m [G, 1],
+    sum [G, 1], acc [G, hd]) updated with masked float32 scores [G, n] (-inf = masked) and
+    values v [n, hd]; fully masked blocks leave the carry unchanged (no NaN)."""
+    m, total, acc = carry
+    m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new > _NEG_INF, m_new, 0.0)
+    correction = jnp.exp(m - m_safe)
+    probs = jnp.exp(scores - m_safe)
+    total = correction * total + jnp.sum(probs, axis=1, keepdims=True)
+    return m_new, total, correction * acc + plgpu.dot(probs, v)
+
+
 def _decode_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, scale, block_s, seq_len):
     """One (row, kv head): q [Gp, hd], k/v [S, hd], valid int32 [S] -> o [Gp, hd]."""
     group_pad, head_dim = q_ref.shape
@@ -61,7 +74,6 @@ def _decode_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, scale, block_s, seq
     offsets = lax.broadcasted_iota(jnp.int32, (block_s,), 0)
 
     def body(j, carry):
-        m, total, acc = carry
         start = j * block_s
         position = start + offsets
         in_seq = position < seq_len
@@ -71,14 +83,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, scale, block_s, seq
         v = plgpu.load(v_ref.at[window, :], mask=kv_mask, other=0.0).astype(jnp.float32)
         attend = plgpu.load(valid_ref.at[window], mask=in_seq, other=0) != 0
         scores = plgpu.dot(q, k, trans_b=True)  # [Gp, block_s]
-        scores = jnp.where(attend[None, :], scores, _NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new > _NEG_INF, m_new, 0.0)
-        correction = jnp.exp(m - m_safe)
-        probs = jnp.exp(scores - m_safe)
-        total = correction * total + jnp.sum(probs, axis=1, keepdims=True)
-        acc = correction * acc + plgpu.dot(probs, v)
-        return m_new, total, acc
+        return online_softmax_step(carry, jnp.where(attend[None, :], scores, _NEG_INF), v)
 
     init = (
         jnp.full((group_pad, 1), _NEG_INF, jnp.float32),
