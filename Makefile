@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 .PHONY: setup run test bench
 setup: $(STAMP)
 
+# Extra arguments go to `jaxrl train`: make run ARGS='--config.train.num_steps=10'
 run: $(STAMP)
-	$(BIN)/jaxrl train --config configs/default.py
+	$(BIN)/jaxrl train --config configs/default.py $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests

@@ -48,18 +48,18 @@ def mesh_of(cfg: ml_collections.ConfigDict) -> Mesh:
 
 def stop_token_ids(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, tokenizer=None) -> tuple[int, ...]:
     """The model's stop ids (config.json + generation_config.json eos ids), then
-    ``sampling.stop_token_ids``, then the id of each ``sampling.stop_strings`` entry, which must
-    encode to exactly one token (ConfigError naming it otherwise; the tokenizer is loaded from
-    the model when not given)."""
+    ``sampling.stop_token_ids``, then the id of each ``sampling.stop_strings`` entry that encodes
+    to exactly one token (the tokenizer is loaded from the model when not given). Longer stop
+    strings are matched in text after sampling (``data/stops.py``)."""
     ids = list(model_cfg.stop_token_ids) + [int(i) for i in cfg.sampling.stop_token_ids]
     if cfg.sampling.stop_strings:
         tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         for text in cfg.sampling.stop_strings:
+            if not isinstance(text, str) or not text:
+                raise ConfigError(f"sampling.stop_strings: each entry must be non-empty text, got {text!r}")
             encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(encoded) != 1:
-                raise ConfigError(f"sampling.stop_strings: {text!r} is {len(encoded)} tokens {encoded}; only "
-                                  "single-token stop strings are supported (use sampling.stop_token_ids)")
-            ids.append(int(encoded[0]))
+            if len(encoded) == 1:
+                ids.append(int(encoded[0]))
     bad = [i for i in ids if not 0 <= i < model_cfg.vocab_size]
     if bad:
         raise ConfigError(f"sampling.stop_token_ids: {bad} outside the vocabulary of {model_cfg.vocab_size}")

@@ -1,5 +1,5 @@
 """Stop ids: config.json + generation_config.json eos ids merged, plus sampling.stop_token_ids
-and single-token sampling.stop_strings; a rewarder failing on a whole first batch stops the run."""
+and single-token sampling.stop_strings (longer ones: tests/test_data_stops.py); a rewarder failing on a whole first batch stops the run."""
 
 import json
 
@@ -30,8 +30,10 @@ def test_stop_token_ids_and_stop_strings(tmp_path):
     model_cfg = ModelConfig.from_hf(HF)
     newline = tok.tokenizer_vocab()["\n"]
     assert wiring.stop_token_ids(cfg, model_cfg) == (2, 5, newline)
-    cfg.sampling.stop_strings = ("answer: 1",)
-    with pytest.raises(ConfigError, match="sampling.stop_strings: 'answer: 1' is 3 tokens"):
+    cfg.sampling.stop_strings = ("answer: 1",)  # 2 tokens: matched in text after sampling (data/stops.py)
+    assert wiring.stop_token_ids(cfg, model_cfg) == (2, 5)
+    cfg.sampling.stop_strings = ("",)
+    with pytest.raises(ConfigError, match="sampling.stop_strings: each entry must be non-empty"):
         wiring.stop_token_ids(cfg, model_cfg)
 
 

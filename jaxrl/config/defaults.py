@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.backend = "static"  # rollout backend (jaxrl.sampling.backend registry)
     c.sampling.max_rows_per_call = 0  # cap on rows (prompts x n) decoded at once (KV-cache memory); 0 = all
     # Stop ids: the model's (config.json + generation_config.json eos ids), these ids, and each
-    # stop string that is exactly one token of the tokenizer (longer strings are refused).
+    # stop string that is one token; longer stop strings are matched in text after sampling
+    # (the completion is cut there and the tokens after the cut leave the loss: data/stops.py).
     c.sampling.stop_token_ids = ()
     c.sampling.stop_strings = ()
 

@@ -26,6 +26,7 @@ import numpy as np
 from jaxrl import wiring
 from jaxrl.data.batching import left_pad_prompts
 from jaxrl.data.sources import load_prompt_records, resolve_files
+from jaxrl.data.stops import cut_at_stop_strings
 from jaxrl.data.tokenizer import decode_completion
 from jaxrl.rewards.base import RewardExecutor
 from jaxrl.rewards.math import extract_answer, normalize_answer
@@ -90,13 +91,15 @@ def load_eval_records(cfg: ml_collections.ConfigDict, tokenizer, eval_set: "wiri
     return records[: cfg.eval.max_examples]
 
 
-def _generate(params, model_cfg, records, n: int, cfg, key, mesh, temperature: float, top_p: float):
+def _generate(params, model_cfg, tokenizer, records, n: int, cfg, key, mesh, temperature: float, top_p: float):
     """Completions (token lists, lengths) [len(records) * n] in record order, decoded
-    ``eval.batch_prompts`` prompts at a time."""
+    ``eval.batch_prompts`` prompts at a time and cut at ``sampling.stop_strings`` as in training."""
     backend = wiring.rollout_backend(cfg, model_cfg, mesh, max_rows_per_call=cfg.eval.batch_prompts * n)
     tokens, lengths = left_pad_prompts(records, cfg.data.max_prompt_tokens, backend.pad_id)
     rollout = backend.generate(params, tokens, lengths, n, key, temperature=temperature, top_p=top_p)
     out_tokens, out_lengths = host_array(rollout.tokens), host_array(rollout.lengths)
+    out_lengths, _ = cut_at_stop_strings(out_tokens, out_lengths, host_array(rollout.finish_reason), tokenizer,
+                                         cfg.sampling.stop_strings)
     return [(out_tokens[row, : out_lengths[row]].tolist(), int(out_lengths[row])) for row in range(len(out_lengths))]
 
 
@@ -114,8 +117,9 @@ def evaluate_records(params, model_cfg, tokenizer, records: Sequence[dict], cfg:
     k = cfg.eval.num_samples
     greedy_key, sample_key = jax.random.split(key)
     try:
-        greedy = _generate(params, model_cfg, records, 1, cfg, greedy_key, mesh, 0.0, 1.0)
-        sampled = _generate(params, model_cfg, records, k, cfg, sample_key, mesh, cfg.eval.temperature, cfg.eval.top_p)
+        greedy = _generate(params, model_cfg, tokenizer, records, 1, cfg, greedy_key, mesh, 0.0, 1.0)
+        sampled = _generate(params, model_cfg, tokenizer, records, k, cfg, sample_key, mesh, cfg.eval.temperature,
+                            cfg.eval.top_p)
 
         def correctness(outputs, per_problem):
             rows = [records[i // per_problem] for i in range(len(outputs))]

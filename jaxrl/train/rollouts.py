@@ -23,12 +23,13 @@ from jax.sharding import NamedSharding
 
 from jaxrl.data.batching import assemble_train_batch, left_pad_prompts, padded_row_index, response_mask
 from jaxrl.data.sources import PromptIterator
+from jaxrl.data.stops import cut_at_stop_strings
 from jaxrl.data.tokenizer import decode_completion
 from jaxrl.rewards.base import RewardExecutor
 from jaxrl.rl.advantages import AdvantageConfig, compute_advantages
 from jaxrl.rl.filters import DynamicSamplingAccumulator
 from jaxrl.sampling.backend import RolloutBackend
-from jaxrl.sharding.transfer import host_array
+from jaxrl.sharding.transfer import host_array, put_on_mesh
 from jaxrl.types import FINISH_LENGTH, Rollout, Scored, TrainBatch
 from jaxrl.wiring import CORRECT_COMPONENT
 
@@ -67,7 +68,13 @@ class Collected:
 def score(collector: Collector, records: list[dict], rollout: Rollout) -> tuple[Scored, list[dict], dict]:
     """Rewards for one rollout of ``records`` → (Scored, sample records, reward metrics)."""
     tokens, lengths = host_array(rollout.tokens), host_array(rollout.lengths)
-    group_ids = host_array(rollout.group_ids)
+    group_ids, finish_reason = host_array(rollout.group_ids), host_array(rollout.finish_reason)
+    if collector.cfg.sampling.stop_strings:  # cut at multi-token stop strings; the cut tokens leave the loss
+        lengths, finish_reason = cut_at_stop_strings(tokens, lengths, finish_reason, collector.tokenizer,
+                                                     collector.cfg.sampling.stop_strings)
+        rollout = rollout.replace(**{name: put_on_mesh(value.astype(getattr(rollout, name).dtype),
+                                                       getattr(rollout, name).sharding)
+                                     for name, value in (("lengths", lengths), ("finish_reason", finish_reason))})
     row_records = [records[g] for g in group_ids]
     completions = [decode_completion(collector.tokenizer, tokens[i, : lengths[i]]) for i in range(len(row_records))]
     examples = [{**r["example"], "completion_tokens": int(n)} for r, n in zip(row_records, lengths)]
@@ -76,7 +83,7 @@ def score(collector: Collector, records: list[dict], rollout: Rollout) -> tuple[
     rewards = np.asarray(rewards, np.float32)
     correct = (components[CORRECT_COMPONENT] >= collector.cfg.rewards.correct_threshold).astype(np.float32)
     scored = Scored(rollout=rollout, rewards=rewards, correct=correct, components=components, lengths=lengths,
-                    finish_reason=host_array(rollout.finish_reason), group_ids=group_ids)
+                    finish_reason=finish_reason, group_ids=group_ids)
     samples = [{"prompt": r["prompt_text"], "completion": c, "reward": float(x)}
                for r, c, x in zip(row_records, completions, rewards)]
     return scored, samples, metrics
