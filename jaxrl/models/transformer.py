@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrl.kernels.flash_attention import blocked_attention, resolve_impl, self_attention
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.sharding import KVCache, Params, constrain, kv_cache_shape, param_shapes
 
@@ -179,13 +180,20 @@ def decoder_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array,
     attention_mask = attention_mask.astype(bool)
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    mask = causal[None] & attention_mask[:, None, :]
+    impl = resolve_impl(cfg.attention_impl, t, cfg.dtype)
+    if impl == "xla":  # dense: [B, T, T] mask and [B, H, T, T] float32 scores
+        mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]
+
+        def attend(q, k, v):
+            return attention(q, k, v, mask), None
+    else:  # blocked / cuDNN / TPU flash: no T x T buffer
+        def attend(q, k, v):
+            return self_attention(impl, q, k, v, attention_mask), None
     inv_freq = rope_inverse_frequencies(cfg)
 
     def layer(x, p):
         x = constrain(x, "hidden")  # keep rows sharded over data/fsdp under a mesh (no-op without)
-        out, _ = _block(cfg, inv_freq, x, p, positions, lambda q, k, v: (attention(q, k, v, mask), None))
+        out, _ = _block(cfg, inv_freq, x, p, positions, attend)
         return out, None
 
     x, _ = jax.lax.scan(_maybe_remat(cfg, layer), embed(params, cfg, tokens), params["blocks"])
@@ -210,7 +218,9 @@ def decoder_hidden_with_cache(params: Params, cfg: ModelConfig, tokens: jax.Arra
     s = cache.max_length
     slot = jnp.arange(s)
     query_slot = write_index + jnp.arange(t)
-    mask = valid[:, None, :] & (slot[None, None, :] <= query_slot[None, :, None])
+    # prefill (t > 1) over a long cache: blocked attention, no [B, H, T, S] scores
+    blocked = t > 1 and resolve_impl(cfg.attention_impl, s, cfg.dtype) != "xla"
+    mask = None if blocked else valid[:, None, :] & (slot[None, None, :] <= query_slot[None, :, None])
     inv_freq = rope_inverse_frequencies(cfg)
 
     def layer(x, xs):
@@ -222,6 +232,9 @@ def decoder_hidden_with_cache(params: Params, cfg: ModelConfig, tokens: jax.Arra
             v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
             if t == 1 and decode_attention is not None:
                 out = decode_attention(q[:, 0], k_all, v_all, mask[:, 0])[:, None]
+            elif blocked:
+                out = blocked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), valid,
+                                        q_pos=query_slot.astype(jnp.int32))
             else:
                 out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
             return out, (k_all, v_all)
