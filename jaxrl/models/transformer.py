@@ -33,7 +33,7 @@ from flax import nnx
 
 from jaxrl.kernels.flash_attention import blocked_attention, resolve_impl, self_attention
 from jaxrl.models.config import ModelConfig
-from jaxrl.models.sharding import KVCache, Params, constrain, kv_cache_shape, param_shapes
+from jaxrl.models.sharding import KVCache, Params, constrain, gather_layer, kv_cache_shape, param_shapes
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked rows give no NaN
 
@@ -193,7 +193,7 @@ def decoder_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array,
 
     def layer(x, p):
         x = constrain(x, "hidden")  # keep rows sharded over data/fsdp under a mesh (no-op without)
-        out, _ = _block(cfg, inv_freq, x, p, positions, attend)
+        out, _ = _block(cfg, inv_freq, x, gather_layer(p), positions, attend)
         return out, None
 
     x, _ = jax.lax.scan(_maybe_remat(cfg, layer), embed(params, cfg, tokens), params["blocks"])
@@ -239,7 +239,7 @@ def decoder_hidden_with_cache(params: Params, cfg: ModelConfig, tokens: jax.Arra
                 out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
             return out, (k_all, v_all)
 
-        out, (k_all, v_all) = _block(cfg, inv_freq, x, p, positions, attend)
+        out, (k_all, v_all) = _block(cfg, inv_freq, x, gather_layer(p), positions, attend)
         return out, (k_all, v_all)
 
     x, (k_new, v_new) = jax.lax.scan(layer, embed(params, cfg, tokens), (params["blocks"], cache.k, cache.v))
