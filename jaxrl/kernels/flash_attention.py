@@ -104,10 +104,21 @@ def _ungrouped(x):
     return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, t, kh * g, hd)
 
 
+def _tie(q, *mask_inputs):
+    """Tie the mask inputs to q with an optimization barrier.
+
+    Inside the layer scan the mask inputs do not change from layer to layer; without the tie,
+    JAX's scan partial evaluation hoists the block masks out of the layer loop and stacks
+    them for every block: a [blocks, B, K, G, T, block] bool buffer, i.e. T x S again.
+    """
+    return jax.lax.optimization_barrier((q, *mask_inputs))
+
+
 def _forward(causal, block, q, k, v, kv_valid, q_pos, q_seg, kv_seg):
     """Online-softmax forward; returns (out [B, T, H, hd] in q's dtype, lse f32 [B, K, G, T])."""
     kv_heads, hd = k.shape[2], q.shape[-1]
     scale = 1.0 / math.sqrt(hd)
+    q, kv_valid, q_pos, q_seg, kv_seg = _tie(q, kv_valid, q_pos, q_seg, kv_seg)
     qg = _grouped(q, kv_heads)
     k, v, kv_valid, kv_seg = _pad_kv(k, v, kv_valid, kv_seg, block)
     xs = (_blocks(k, block), _blocks(v, block), _blocks(kv_valid, block), _blocks(kv_seg, block),
@@ -148,6 +159,7 @@ def _blocked_bwd(causal, block, res, dout):
     q, k, v, kv_valid, q_pos, q_seg, kv_seg, out, lse = res
     s_len, kv_heads, hd = k.shape[1], k.shape[2], q.shape[-1]
     scale = 1.0 / math.sqrt(hd)
+    q, kv_valid, q_pos, q_seg, kv_seg = _tie(q, kv_valid, q_pos, q_seg, kv_seg)
     qg = _grouped(q, kv_heads)
     do = _grouped(dout.astype(q.dtype), kv_heads)
     delta = jnp.sum(do.astype(jnp.float32) * _grouped(out, kv_heads).astype(jnp.float32), axis=-1)
