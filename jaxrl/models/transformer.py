@@ -157,7 +157,10 @@ def _block(cfg: ModelConfig, inv_freq: np.ndarray, x: jax.Array, p: Params, posi
 def _maybe_remat(cfg: ModelConfig, fn):
     if cfg.remat == "none":
         return fn
-    policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots
+    # "dots" saves the matmuls without batch dimensions (projections, MLP), not the attention
+    # score/value einsums (batched over rows and heads): saving those would keep T x S scores,
+    # for the blocked kernel every block's (a remat policy sees inside its forward scan).
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
     return jax.checkpoint(fn, policy=policy)
 
 
