@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "tpu_flash")
-DENSE_MAX_LEN = 2048  # auto on CPU: dense up to this many positions (BENCHMARKS.md, issue 13)
+DENSE_MAX_LEN = 512  # auto on CPU: dense up to this many positions (BENCHMARKS.md, issue 13)
 DEFAULT_BLOCK = 512
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, as in the dense path
 _TPU_BLOCK = 128
