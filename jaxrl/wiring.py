@@ -229,7 +229,7 @@ def load_policy(cfg: ml_collections.ConfigDict, mesh: Mesh | None, *, model_dir:
     ``model.tokenizer_path`` or the model directory."""
     path = model_dir or cfg.model.path
     model, model_cfg = from_pretrained(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=mesh,
-                                       remat=cfg.model.remat)
+                                       remat=cfg.model.remat, attention_impl=cfg.model.attention_impl)
     return Policy(model, model_cfg, load_tokenizer(cfg.model.tokenizer_path or path))
 
 

@@ -24,8 +24,8 @@ from jaxrl.train.step import TrainState, init_train_state, make_optimizer, make_
 from jaxrl.types import TrainBatch
 
 
-def memory_of_update(case: dict) -> dict:
-    """Per-device bytes XLA assigns to one compiled update (nothing is run)."""
+def compile_update(case: dict):
+    """The compiled update of ``case`` on the 8-device mesh (nothing is run)."""
     model = ModelConfig(**case["model"])
     mesh = make_mesh(*case["mesh"])
     tx = make_optimizer(base_config())
@@ -55,8 +55,12 @@ def memory_of_update(case: dict) -> dict:
                             out_shardings=(state_sh, rep))
     with jax.set_mesh(mesh):  # the model's activation constraints read the mesh from context
         lowered = update.lower(abstract, batch, jax.ShapeDtypeStruct((rows, response), jnp.bool_))
-    compiled = lowered.compile()
-    analysis = compiled.memory_analysis()
+    return lowered.compile()
+
+
+def memory_of_update(case: dict) -> dict:
+    """Per-device bytes XLA assigns to one compiled update (nothing is run)."""
+    analysis = compile_update(case).memory_analysis()
     return {name: int(getattr(analysis, name)) for name in (
         "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")}
 

@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype of activations/matmuls: float32 | bfloat16
     c.model.param_dtype = "float32"  # master-weight (optimizer) dtype; float32 recommended
     c.model.remat = "none"  # activation recomputation per layer: none | full | dots
+    c.model.attention_impl = "auto"  # training/prefill attention: auto | xla | blocked | cudnn | tpu_flash
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic (countdown-lite, generated) | files

@@ -19,7 +19,7 @@ import ml_collections
 from jaxrl.config.defaults import ConfigError
 from jaxrl.data.presets import PRESETS, parse_eval_set
 from jaxrl.data.sources import resolve_files
-from jaxrl.models.config import DTYPES
+from jaxrl.models.config import ATTENTION_IMPLS, DTYPES
 from jaxrl.rewards.registry import load_rewarder_spec, task_names
 from jaxrl.rl.advantages import GRPO_SCALES, AdvantageConfig, estimator_names, get_estimator
 from jaxrl.rl.losses import LossConfig
@@ -35,6 +35,7 @@ _CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": REMAT,
+    "model.attention_impl": ATTENTION_IMPLS,
     "data.source": DATA_SOURCES,
     "data.overlong_prompts": ("skip", "truncate"),
     "rl.grpo_scale": GRPO_SCALES,

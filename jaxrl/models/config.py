@@ -21,6 +21,7 @@ _ARCHITECTURES = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "tpu_flash")  # kernels/flash_attention.py
 
 
 def _id_tuple(value: Any, where: str) -> tuple[int, ...]:
@@ -59,6 +60,8 @@ class ModelConfig:
     matmuls. Norms, softmax and logits are always computed in float32.
     rope_scaling: None or a tuple of sorted (key, value) pairs (hashable form of the HF dict).
     remat: "none" | "full" (recompute each layer) | "dots" (save matmul outputs).
+    attention_impl: training/prefill attention, one of ``ATTENTION_IMPLS`` (see
+    ``jaxrl.kernels.flash_attention``): "xla" is the dense path, "auto" picks per backend.
     """
 
     model_type: str
@@ -81,6 +84,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention_impl: str = "auto"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -105,6 +109,9 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat={self.remat!r} must be one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r} must be one of {ATTENTION_IMPLS}")
         if self.rope_scaling is not None:
             kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
             if kind not in ("default", "llama3", None):

@@ -4,8 +4,9 @@ Every parameter carries logical axis names (``param_logical_axes``); activations
 and batches use the names in ``ACTIVATION_AXES``. One rule table maps each logical name to a
 mesh axis, a tuple of mesh axes, or None (replicated):
 
-* FSDP shards the weights' ``embed`` axis over ``fsdp`` (gathered per layer inside the scan
-  by the compiler); activations are never sharded over ``embed``.
+* FSDP shards the weights' ``embed`` axis over ``fsdp``; ``gather_layer`` gathers one layer's
+  weights inside the layer scan (pinned there, so no backend may gather every layer up
+  front); activations are never sharded over ``embed``.
 * Tensor parallelism shards heads / MLP / vocab over ``tensor``, for weights and activations.
 * The batch (training rows, sampler rows, KV-cache rows) goes over ``data`` and ``fsdp``.
 
@@ -238,3 +239,27 @@ def constrain(x: jax.Array, kind: str | tuple[str | None, ...], rules: Rules | N
     logical = ACTIVATION_AXES[kind] if isinstance(kind, str) else kind
     spec = logical_to_spec(logical, x.shape, dict(mesh.shape), rules)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def gather_layer(p: Params, rules: Rules | None = None) -> Params:
+    """One layer's weights (the layer scan's slice of ``params["blocks"]``) gathered over fsdp.
+
+    p: {name: array without the leading ``layers`` axis}. Under a mesh with fsdp > 1 each
+    weight is pinned twice: first to its stored layout (fsdp-sharded), then to the same layout
+    without fsdp. The first pin stops sharding propagation from pulling the gather back onto
+    the stacked [L, ...] operand in front of the scan, so exactly one layer is gathered at a
+    time (its cotangent is reduce-scattered inside the backward scan). Without a mesh in
+    context, or with fsdp = 1, ``p`` is returned unchanged. Bytes: one layer's weights / tensor.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:
+        return p
+    sizes = dict(mesh.shape)
+    rules = DEFAULT_RULES if rules is None else rules
+    gathered = {k: tuple(a for a in _axis_names(v) if a != "fsdp") or None for k, v in rules.items()}
+    out = {}
+    for name, w in p.items():
+        logical = _BLOCK_AXES[name][1:]
+        w = jax.lax.with_sharding_constraint(w, logical_to_spec(logical, w.shape, sizes, rules))
+        out[name] = jax.lax.with_sharding_constraint(w, logical_to_spec(logical, w.shape, sizes, gathered))
+    return out

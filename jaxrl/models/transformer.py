@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrl.kernels.flash_attention import blocked_attention, resolve_impl, self_attention
 from jaxrl.models.config import ModelConfig
-from jaxrl.models.sharding import KVCache, Params, constrain, kv_cache_shape, param_shapes
+from jaxrl.models.sharding import KVCache, Params, constrain, gather_layer, kv_cache_shape, param_shapes
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked rows give no NaN
 
@@ -156,7 +157,10 @@ def _block(cfg: ModelConfig, inv_freq: np.ndarray, x: jax.Array, p: Params, posi
 def _maybe_remat(cfg: ModelConfig, fn):
     if cfg.remat == "none":
         return fn
-    policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots
+    # "dots" saves the matmuls without batch dimensions (projections, MLP), not the attention
+    # score/value einsums (batched over rows and heads): saving those would keep T x S scores,
+    # for the blocked kernel every block's (a remat policy sees inside its forward scan).
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
     return jax.checkpoint(fn, policy=policy)
 
 
@@ -179,13 +183,20 @@ def decoder_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array,
     attention_mask = attention_mask.astype(bool)
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    mask = causal[None] & attention_mask[:, None, :]
+    impl = resolve_impl(cfg.attention_impl, t, cfg.dtype)
+    if impl == "xla":  # dense: [B, T, T] mask and [B, H, T, T] float32 scores
+        mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]
+
+        def attend(q, k, v):
+            return attention(q, k, v, mask), None
+    else:  # blocked / cuDNN / TPU flash: no T x T buffer
+        def attend(q, k, v):
+            return self_attention(impl, q, k, v, attention_mask), None
     inv_freq = rope_inverse_frequencies(cfg)
 
     def layer(x, p):
         x = constrain(x, "hidden")  # keep rows sharded over data/fsdp under a mesh (no-op without)
-        out, _ = _block(cfg, inv_freq, x, p, positions, lambda q, k, v: (attention(q, k, v, mask), None))
+        out, _ = _block(cfg, inv_freq, x, gather_layer(p), positions, attend)
         return out, None
 
     x, _ = jax.lax.scan(_maybe_remat(cfg, layer), embed(params, cfg, tokens), params["blocks"])
@@ -210,7 +221,9 @@ def decoder_hidden_with_cache(params: Params, cfg: ModelConfig, tokens: jax.Arra
     s = cache.max_length
     slot = jnp.arange(s)
     query_slot = write_index + jnp.arange(t)
-    mask = valid[:, None, :] & (slot[None, None, :] <= query_slot[None, :, None])
+    # prefill (t > 1) over a long cache: blocked attention, no [B, H, T, S] scores
+    blocked = t > 1 and resolve_impl(cfg.attention_impl, s, cfg.dtype) != "xla"
+    mask = None if blocked else valid[:, None, :] & (slot[None, None, :] <= query_slot[None, :, None])
     inv_freq = rope_inverse_frequencies(cfg)
 
     def layer(x, xs):
@@ -222,11 +235,14 @@ def decoder_hidden_with_cache(params: Params, cfg: ModelConfig, tokens: jax.Arra
             v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
             if t == 1 and decode_attention is not None:
                 out = decode_attention(q[:, 0], k_all, v_all, mask[:, 0])[:, None]
+            elif blocked:
+                out = blocked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), valid,
+                                        q_pos=query_slot.astype(jnp.int32))
             else:
                 out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
             return out, (k_all, v_all)
 
-        out, (k_all, v_all) = _block(cfg, inv_freq, x, p, positions, attend)
+        out, (k_all, v_all) = _block(cfg, inv_freq, x, gather_layer(p), positions, attend)
         return out, (k_all, v_all)
 
     x, (k_new, v_new) = jax.lax.scan(layer, embed(params, cfg, tokens), (params["blocks"], cache.k, cache.v))

@@ -6,7 +6,7 @@ import dataclasses
 
 from jaxrl.models.config import ModelConfig
 from jaxrl.plan.hardware import GIB, Hardware
-from jaxrl.plan.memory import Plan, PlanSettings, _mesh_sizes, estimate
+from jaxrl.plan.memory import Plan, PlanSettings, _mesh_sizes, attention_impl, estimate
 
 
 def plan(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware, *,
@@ -58,10 +58,9 @@ def _advice(cfg: ModelConfig, settings: PlanSettings, hardware: Hardware) -> lis
             candidates.append(("rl.logprob_chunk_size=128",
                                lambda s: dataclasses.replace(s, logprob_chunk=128)))
         candidates.append(("tensor", None))
-        if current.attention == "jnp":
-            candidates.append(("a blocked (flash) attention kernel in the training forward "
-                               "(removes the S^2 float32 scores; not in jaxrl yet)",
-                               lambda s: dataclasses.replace(s, attention="flash")))
+        if attention_impl(current, hardware) == "xla":
+            candidates.append(("model.attention_impl=blocked (no S^2 float32 scores)",
+                               lambda s: dataclasses.replace(s, attention="blocked")))
         if sizes["data"] > 1:
             candidates.append((f"mesh.data=1 mesh.fsdp={sizes['data'] * sizes['fsdp']}",
                                lambda s: dataclasses.replace(s, mesh=(1, -1, sizes["tensor"]))))

@@ -12,7 +12,7 @@ from jaxrl import config as config_lib
 from jaxrl.models.config import ModelConfig
 from jaxrl.plan.advice import plan
 from jaxrl.plan.hardware import parse_hardware, resolve_model
-from jaxrl.plan.memory import PlanSettings
+from jaxrl.plan.memory import ATTENTION_IMPLS, PlanSettings
 
 DESCRIPTION = "Memory planner: per-device bytes of one RL step, whether it fits, and which knob to turn."
 
@@ -37,6 +37,7 @@ def settings_from_config(cfg) -> tuple[ModelConfig, PlanSettings]:
         sampling_rows=min(rows, int(cfg.sampling.max_rows_per_call)) if cfg.sampling.max_rows_per_call > 0 else rows,
         reference_model=float(cfg.rl.loss.kl_coef) > 0,
         eval_rows=int(cfg.eval.batch_prompts) * int(cfg.eval.num_samples) if _has_heldout(cfg) else 0,
+        attention=cfg.model.get("attention_impl", "auto"),
     )
     return model, settings
 
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sampling-mesh", help="data,fsdp,tensor of the sampler (default: same)")
     parser.add_argument("--sampling-dtype")
     parser.add_argument("--kv-dtype")
-    parser.add_argument("--attention", choices=("jnp", "flash"))
+    parser.add_argument("--attention", choices=ATTENTION_IMPLS, help="model.attention_impl")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args, overrides = parser.parse_known_args(argv)  # the rest: --config.KEY=VALUE overrides
     if overrides and not args.config:

@@ -12,8 +12,9 @@ Phases (one device; everything per device):
   sampling copy when the sampler uses another dtype or mesh).
 * train: persistent + gradients (the micro-batch gradient and the accumulator) + the
   update's temporaries + activations of one micro-batch under the remat policy + the
-  log-prob/entropy chunk buffers + the layer weights gathered over fsdp (XLA hoists that
-  all-gather out of the layer scan, so all layers' weights are gathered at once).
+  log-prob/entropy chunk buffers + the layer weights gathered over fsdp (one layer at a
+  time: ``jaxrl.models.sharding.gather_layer`` pins the gather inside the layer scan; two
+  layers are counted, the one in use and the next).
 * sample: persistent + KV cache of the concurrent rollout rows + one decode step's logits.
 
 Peak = max(train, sample). Units: bytes; GiB = 2**30 bytes.
@@ -21,7 +22,11 @@ Peak = max(train, sample). Units: bytes; GiB = 2**30 bytes.
 Activation model per layer (b rows on this device, S positions, c compute-dtype bytes,
 Hq/K/F/V the per-device query heads, KV heads, MLP width and vocab after tensor sharding):
 residual-sized terms ``b·S·D·c``, head-sized ``b·S·Hq·hd·c``, MLP-sized ``b·S·F·c`` and the
-attention scores ``b·Hq·S·S`` in float32 (the jnp attention materialises them). remat
+attention scores, which follow ``model.attention_impl`` (``attention_impl``): ``xla``
+materialises ``b·Hq·S·S`` float32 scores + probabilities + mask; ``blocked`` keeps
+``_BLOCKED_SCORE_BUFFERS`` float32 ``b·Hq·S·block`` buffers live (one key block of the
+backward) and saves only the output and a float32 log-sum-exp ``b·Hq·S``; ``cudnn`` /
+``tpu_flash`` keep scores on chip (only the log-sum-exp in HBM). remat
 "none" keeps every intermediate of every layer; "dots" keeps the matmul outputs (scores
 included); "full" keeps each layer's input and recomputes one layer at a time in the
 backward pass. The multipliers (``_UPDATE_TEMP_TREES``, ``_ACTIVATION_SCALE``) were fitted by
@@ -38,6 +43,7 @@ from typing import Any
 
 import jax
 
+from jaxrl.kernels.flash_attention import ATTENTION_IMPLS, DEFAULT_BLOCK, resolve_impl
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.sharding import logical_to_spec, param_logical_axes, param_shapes, shard_shape
 from jaxrl.plan.hardware import GIB, Hardware
@@ -65,8 +71,8 @@ class PlanSettings:
       training sharding), as the loop holds it.
     eval_rows: rows decoded at once by the end-of-run report, which loads a second copy of the
       starting params next to the trained state (0 = no report phase).
-    attention: "jnp" (materialises [b, Hq, S, S] float32 scores, what the trainer runs
-      today) or "flash" (a blocked kernel; scores O(b·Hq·S·block)).
+    attention: ``model.attention_impl`` (auto | xla | blocked | cudnn | tpu_flash); auto is
+      resolved for the hardware kind as the run resolves it (``attention_impl``).
     """
 
     mesh: tuple[int, int, int] = (1, -1, 1)
@@ -83,14 +89,14 @@ class PlanSettings:
     sampling_dtype: str | None = None
     kv_dtype: str | None = None
     reference_model: bool = False
-    attention: str = "jnp"
+    attention: str = "auto"
     eval_rows: int = 0
 
     def __post_init__(self):
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none | full | dots, got {self.remat!r}")
-        if self.attention not in ("jnp", "flash"):
-            raise ValueError(f"attention must be jnp | flash, got {self.attention!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPE_BYTES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPE_BYTES)}")
@@ -146,6 +152,13 @@ _LOGITS_BUFFERS = 3.0        # [b, C, V] float32 buffers live in one log-prob ch
 # XLA's activation bytes relative to the count in ``activation_bytes`` (it keeps rope tables,
 # broadcast masks and softmax pieces, and reuses buffers of dead intermediates).
 _ACTIVATION_SCALE = {"none": 1.1, "dots": 0.7, "full": 0.67}
+# The same scale without S^2 scores (blocked / cudnn / tpu_flash), fitted at S = 4,096 with the
+# blocked kernel on model A, checked on model B (BENCHMARKS.md, issue 13).
+_ACTIVATION_SCALE_FLASH = {"none": 1.16, "dots": 0.89, "full": 0.83}
+# float32 [b, Hq, S, block] buffers live in one key block of the blocked backward (s/p, dp,
+# ds, mask): measured 3.3 on the kernel alone (XLA CPU, S = 2k..16k, BENCHMARKS.md issue 13).
+_BLOCKED_SCORE_BUFFERS = 3.3
+_GATHERED_LAYERS = 2         # fsdp-gathered layers live at once (in use + next)
 
 
 def _mesh_sizes(mesh: tuple[int, int, int], num_devices: int) -> dict[str, int]:
@@ -179,8 +192,20 @@ def _rows_per_device(rows: int, sizes: dict[str, int]) -> int:
     return shard_shape((rows,), spec, sizes)[0]
 
 
-def activation_bytes(cfg: ModelConfig, settings: PlanSettings, sizes: dict[str, int]) -> dict[str, int]:
-    """Per-device activation bytes of one micro-batch's forward + backward (see module doc)."""
+def attention_impl(settings: PlanSettings, hardware: Hardware) -> str:
+    """The concrete attention implementation the run would use (``auto`` resolved by kind)."""
+    kind = hardware.kind.lower()
+    backend = "tpu" if kind.startswith("v") else "cpu" if kind.startswith("cpu") else "gpu"
+    return resolve_impl(settings.attention, settings.prompt_len + settings.response_len,
+                        settings.dtype, backend)
+
+
+def activation_bytes(cfg: ModelConfig, settings: PlanSettings, sizes: dict[str, int],
+                     impl: str = "xla") -> dict[str, int]:
+    """Per-device activation bytes of one micro-batch's forward + backward (see module doc).
+
+    impl: the concrete attention implementation (``attention_impl``), not ``auto``.
+    """
     c = _DTYPE_BYTES[settings.dtype]
     t = sizes["tensor"]
     b = _rows_per_device(settings.micro_batch_rows, sizes)
@@ -192,31 +217,31 @@ def activation_bytes(cfg: ModelConfig, settings: PlanSettings, sizes: dict[str, 
     f = _split(cfg.intermediate_size, t)
     v = _split(cfg.vocab_size, t)
     heads = _split(cfg.num_heads, t)
-    if settings.attention == "jnp":
-        score_cols = s
-    else:
-        score_cols = min(s, 512)
     residual = b * s * d * c
     head_terms = b * s * (hq + 2 * kv) * c
     mlp = b * s * f * c
-    scores = b * heads * s * score_cols * 4
-    probs = b * heads * s * score_cols * c
+    lse = b * heads * s * 4
+    transient = 0  # live only while one layer's backward runs
+    if impl == "xla":  # scores (f32) + probs + mask: intermediates of the layer
+        kept_scores = b * heads * s * s * (4 + c) + b * s * s
+    else:  # out + lse kept; blocked: one key block of the backward live; cudnn/tpu: on chip
+        kept_scores = lse
+        if impl == "blocked":
+            transient = int(_BLOCKED_SCORE_BUFFERS * b * heads * s * min(s, DEFAULT_BLOCK) * 4)
     # every intermediate of one layer: 4 residual-sized (input, 2 norms, mid), q/k/v before
-    # and after rope + attention output, scores (f32) + probs + mask, gate/up/silu/product
-    layer_all = (4 * residual + 2 * head_terms + b * s * hq * c + scores + probs
-                 + b * s * score_cols + 4 * mlp)
-    layer_dots = (2 * residual + head_terms + b * s * hq * c + scores + 2 * mlp)
+    # and after rope + attention output, the attention scores, gate/up/silu/product
+    layer_all = 4 * residual + 2 * head_terms + b * s * hq * c + kept_scores + 4 * mlp
+    # "dots" keeps the unbatched matmul outputs (projections, MLP), never the scores
+    layer_dots = 2 * residual + head_terms + 2 * mlp
     layers = cfg.num_layers
     if settings.remat == "none":
         saved = layers * layer_all
-        live = layer_all
     elif settings.remat == "dots":
         saved = layers * layer_dots
-        live = layer_all
     else:
         saved = layers * residual
-        live = layer_all
-    scale = _ACTIVATION_SCALE[settings.remat]
+    live = layer_all + transient
+    scale = (_ACTIVATION_SCALE if impl == "xla" else _ACTIVATION_SCALE_FLASH)[settings.remat]
     chunk = min(settings.logprob_chunk, resp)
     logits = int(_LOGITS_BUFFERS * b * chunk * v * 4)
     hidden = 2 * b * resp * d * c + 2 * b * s * d * c  # final hidden + its cotangent, embeds
@@ -248,10 +273,11 @@ def estimate(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware)
     accumulating = (settings.mini_batch_rows or settings.micro_batch_rows) > settings.micro_batch_rows
     comps["gradients"] = (2 if accumulating else 1) * param_elems * p
     comps["update_temporaries"] = int(_UPDATE_TEMP_TREES * param_elems * p)
-    # XLA hoists the fsdp all-gather of the stacked layer weights out of the layer scan (seen
-    # in the compiled HLO): every layer's weights, gathered over fsdp, in the compute dtype.
-    comps["fsdp_gathered_weights"] = gathered_elems * c if sizes["fsdp"] > 1 else 0
-    comps.update(activation_bytes(model_cfg, settings, sizes))
+    # gather_layer gathers one layer's weights inside the scan (in the param dtype, then cast)
+    layer_elems = gathered_elems // model_cfg.num_layers
+    comps["fsdp_gathered_weights"] = _GATHERED_LAYERS * layer_elems * (p + c) if sizes["fsdp"] > 1 else 0
+    impl = attention_impl(settings, hardware)
+    comps.update(activation_bytes(model_cfg, settings, sizes, impl))
     train = persistent + sum(comps[k] for k in (
         "gradients", "update_temporaries", "fsdp_gathered_weights", "activations_saved",
         "activations_live", "logprob_chunk_buffers"))
@@ -271,9 +297,11 @@ def estimate(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware)
         comps["report_kv_cache"] = comps["kv_cache"] * eval_rows // max(rows, 1)
         peak = max(peak, persistent + comps["report_params_copy"] + comps["report_kv_cache"])
     fits = peak <= hardware.usable_bytes
-    if settings.attention == "jnp" and comps["activations_live"] > 0.25 * hardware.usable_bytes:
-        notes.append("attention scores [b, H/tensor, S, S] float32 dominate: the trainer's jnp "
-                     "attention materialises them; a blocked (flash) kernel removes the S^2 term")
+    notes.append(f"attention: {impl}" + (f" (model.attention_impl={settings.attention})"
+                                         if settings.attention != impl else ""))
+    if impl == "xla" and comps["activations_live"] > 0.25 * hardware.usable_bytes:
+        notes.append("attention scores [b, H/tensor, S, S] float32 dominate: model.attention_impl=xla "
+                     "materialises them; blocked / cudnn / tpu_flash remove the S^2 term")
     if model_cfg.num_kv_heads % sizes["tensor"]:
         notes.append(f"{model_cfg.num_kv_heads} KV heads do not split over tensor={sizes['tensor']}: "
                      "the KV cache is replicated over the tensor axis")
