@@ -317,11 +317,12 @@ class ElasticPool:
                     worker.child.requests.send(requests[worker.task])
                     worker.started, worker.deadline = now, now + timeout_s
             busy = [w for w in self.workers if w.task is not None]
-            wake = [w.deadline for w in busy] + [w.forked_at + self.start_timeout_s for w in self.workers]
+            wake = [w.deadline for w in busy]
+            wake += [w.forked_at + self.start_timeout_s for w in self.workers if not w.ready]
             if pending:
                 wake += [w.started + self.stall_s for w in busy if now - w.started < self.stall_s]
             waiting = [w for w in self.workers if w.task is not None or not w.ready]
-            ready = wait([w.child.replies for w in waiting], timeout=max(0.0, min(wake) - now))
+            ready = wait([w.child.replies for w in waiting], timeout=max(0.0, min(wake, default=now) - now))
             for worker in [w for w in waiting if w.child.replies in ready]:
                 self._receive(worker, replies)
             now = time.monotonic()
