@@ -91,8 +91,10 @@ def cmd_train(args, overrides) -> int:
         watchdog.exit(PEER_FAILED_EXIT)
         raise
     except Exception as error:
+        if not watchdog.active:  # main() prints the one line; printing here too doubled it
+            raise
         code = _user_error_code("train", error)
-        if code is None or not watchdog.active:
+        if code is None:
             raise
         watchdog.exit(code)
         raise

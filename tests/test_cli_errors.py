@@ -234,3 +234,45 @@ def test_unwritable_or_full_disk_is_one_line(tmp_path, tiny_model_dir, monkeypat
     err = capsys.readouterr().err
     assert status == cli.USER_ERROR
     assert err.strip() == f"jaxrl train: error: {tmp_path / 'runs' / 'default'}: {text}"
+
+
+# Issue 18, item 10 (second part): a missing logging package and a parquet file without a
+# needed column are one line, exit 2, and the failed start-up leaves no run directory.
+@pytest.mark.parametrize(
+    "override, blocked, message",
+    [
+        ("--config.logging.tensorboard=on", ("tensorboardX", "tensorboard"),
+         "logging.tensorboard='on' needs tensorboardX"),
+        ("--config.logging.wandb=true", ("wandb",), "logging.wandb=True needs wandb"),
+    ],
+)
+def test_missing_logging_package_is_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys, override, blocked,
+                                             message):
+    for name in blocked:  # as if not installed, whatever this machine has
+        monkeypatch.setitem(sys.modules, name, None)
+    config = write_experiment(tmp_path / "exp.py", tiny_model_dir, str(tmp_path / "runs"))
+    status = cli.main(["train", "--config", config, override, "--config.rewards.num_workers=0"])
+    err = capsys.readouterr().err
+    assert status == cli.USER_ERROR and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "runs" / "default")
+
+
+def test_parquet_without_a_needed_column_is_one_line_naming_file_and_column(tmp_path, tiny_model_dir, capsys):
+    import pyarrow as pa  # the parquet writer: only this test needs it
+    import pyarrow.parquet as pq
+
+    data = str(tmp_path / "train.parquet")
+    pq.write_table(pa.table({"question": ["make 3 from 1 2"], "answer": ["3"]}), data)
+    config = write_experiment(tmp_path / "exp.py", tiny_model_dir, str(tmp_path / "runs"))
+    status = cli.main(["train", "--config", config, "--config.data.source=files", f"--config.data.train_files={data}",
+                       "--config.data.prompt_field=prompt", "--config.rewards.num_workers=0"])
+    err = capsys.readouterr().err
+    assert status == cli.USER_ERROR and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert data in err and "prompt" in err, err
+    assert not os.path.exists(tmp_path / "runs" / "default")
+
+
+def test_rewards_run_in_worker_processes_by_default():
+    assert base_config().rewards.num_workers > 0

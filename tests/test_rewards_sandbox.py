@@ -1,6 +1,10 @@
 """The process sandbox: spawned and forked children, per-call deadlines, crash isolation."""
 
 import os
+import resource
+import time
+
+import pytest
 
 from jaxrl.rewards import sandbox
 
@@ -52,3 +56,61 @@ def test_respawning_child_survives_hangs_and_crashes():
         assert worker.call(("echo", 2), 5.0) == ("ok", 2)
     finally:
         worker.close()
+
+
+def _pool_handle(request):
+    kind, value = request
+    if kind == "sleep":
+        time.sleep(value)
+        return value
+    return _handle(request)
+
+
+def _no_warm_up():
+    pass
+
+
+def _failing_warm_up():
+    raise RuntimeError("no grader here")
+
+
+def test_elastic_pool_replies_in_order_and_contains_hangs_and_crashes():
+    pool = sandbox.ElasticPool(_pool_handle, _no_warm_up, 2, stall_s=0.05, memory_bytes=1 << 30)
+    try:
+        pool.wait_ready()
+        requests = [("echo", 0), ("hang", None), ("raise", "bad"), ("die", None), ("sleep", 0.01), ("echo", 5)]
+        replies = pool.run(requests, 1.0)
+        assert replies[0] == ("ok", 0) and replies[4] == ("ok", 0.01) and replies[5] == ("ok", 5)
+        assert replies[1][0] == "timeout" and replies[2] == ("error", "ValueError: bad")
+        assert replies[3][0] == "error" and "WorkerDied" in replies[3][1]
+        assert len(pool.workers) == 2  # spares forked for the stalled call were ended
+        # Eight sleeping calls on two workers: the stalled ones are joined by spares (forked
+        # children beyond the initial two and the replacements above).
+        forks = pool.forks
+        replies = pool.run([("sleep", 0.3)] * 8, 5.0)
+        assert replies == [("ok", 0.3)] * 8 and pool.forks - forks >= 4
+    finally:
+        pool.close()
+
+
+def test_elastic_pool_does_not_spin_while_waiting_after_the_start_up_timeout():
+    pool = sandbox.ElasticPool(_pool_handle, _no_warm_up, 1, stall_s=10.0, start_timeout_s=0.2)
+    try:
+        pool.wait_ready()
+        time.sleep(0.3)  # past start_timeout_s: a ready worker must not make the wait time out at once
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        assert pool.run([("sleep", 0.5)], 5.0) == [("ok", 0.5)]
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        # Waiting in select costs ~1 ms of CPU here; spinning on a zero timeout cost ~50 ms.
+        assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 0.02
+    finally:
+        pool.close()
+
+
+def test_elastic_pool_reports_a_failed_warm_up():
+    pool = sandbox.ElasticPool(_pool_handle, _failing_warm_up, 1, stall_s=1.0)
+    try:
+        with pytest.raises(RuntimeError, match="warm-up failed: RuntimeError: no grader here"):
+            pool.wait_ready()
+    finally:
+        pool.close()

@@ -62,6 +62,9 @@ def tiny_config(model_dir: str, root: str, algorithm: str = "grpo", *, name: str
     cfg.rl.lr = 3e-3
     cfg.rl.logprob_chunk_size = 4
     cfg.rewards.custom = ("tests.test_train_loop:digit_reward=1.0",)
+    # Inline rewards: worker mode (the default) would import this heavy module in its
+    # dispatcher, ~3 s CPU per tiny run; tests/test_fault_injection.py runs the loop with workers.
+    cfg.rewards.num_workers = 0
     cfg.logging.progress_bar = False
     cfg.logging.tensorboard = "off"
     cfg.logging.samples_every = 1

@@ -94,8 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rewards.overlong_penalty = False  # DAPO soft overlong punishment added to the reward
     c.rewards.overlong_buffer = 16  # L_cache of the soft overlong punishment (tokens)
     c.rewards.custom = ()  # extra rewarders "package.module:function=weight" (weight default 1)
-    c.rewards.num_workers = 0  # reward process pool size; 0 = inline in the trainer
-    c.rewards.timeout_s = 10.0  # limit per rewarder call
+    c.rewards.num_workers = 4  # reward worker processes (crash-isolated, forked); 0 = inline (debugging)
+    c.rewards.timeout_s = 10.0  # limit per rewarder call (hung calls time out concurrently)
     c.rewards.failure_reward = 0.0  # component value of a failed/hung call
     c.rewards.correct_threshold = 0.5  # task reward >= this counts as correct (accuracy)
 

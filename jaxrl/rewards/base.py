@@ -11,12 +11,19 @@ gets ``failure_reward`` as its component value and is counted in the metrics tog
 the first error message; the run continues. Results are in input order whatever the
 completion order of the workers.
 
-Workers are fresh ``python`` processes started by ``jaxrl.rewards.sandbox.spawn`` (not
-forks of the trainer, which holds accelerator state and threads; not ``multiprocessing``,
-which re-imports the caller's ``__main__``). Rewarders travel to them pickled, so they
-must be importable module-level functions (or ``functools.partial`` of one), not defined in
-``__main__``. A hung call is ended by killing
-its worker, which is then replaced in the background.
+Process layout (worker mode, ``num_workers > 0``, the default for runs): the trainer spawns
+one dispatcher, a fresh ``python`` started by ``jaxrl.rewards.sandbox.spawn`` (not a fork of
+the trainer, which holds accelerator state and threads; not ``multiprocessing``, which
+re-imports the caller's ``__main__``). The dispatcher unpickles the rewarders (so they must be
+importable module-level functions, or ``functools.partial`` of one, not defined in
+``__main__``) and forks ``num_workers`` workers from itself (a few ms each); each worker runs
+the warm-ups, and workers are reused across batches. A batch travels to the dispatcher in one
+message and comes back in one. A call that hangs is SIGKILLed with its worker at its deadline;
+a worker busy for more than ``stall_seconds(timeout_s)`` no longer counts towards the pool
+size, so a spare is forked for the calls still waiting (at most ``MAX_SPARE_WORKERS``): a
+batch in which every call hangs costs about one timeout, not one per row. A worker that
+crashes (segfault, ``os._exit``, memory cap) costs only its current call. The dispatcher and
+its workers ignore SIGINT/SIGTERM (the trainer finishes its step) and die with the trainer.
 
 A rewarder must return a real number (bool/int/float, NumPy scalars included); anything
 else, and a call to ``sys.exit``, is a counted failure. The first error of each rewarder is
@@ -33,17 +40,16 @@ metric ``reward/timeouts_enforced`` (0.0) reports.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import pickle
-import resource
 import signal
 import sys
 import threading
 import time
 import weakref
-from collections import deque
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -56,6 +62,9 @@ Rewarder = Callable[[str, str, Mapping[str, Any]], float]  # (prompt, completion
 __all__ = ["Rewarder", "weighted_sum", "call_rewarder", "RewardExecutor", "RewarderTimeout"]
 
 _WORKER_START_TIMEOUT_S = 180.0
+# Spare workers forked beyond ``num_workers`` for calls stalled past ``stall_seconds``: with
+# every call hanging, a batch costs about ceil(calls / (num_workers + this)) timeouts.
+MAX_SPARE_WORKERS = 64
 
 
 # Address-space cap of a reward worker (bytes): a runaway rewarder fails with MemoryError
@@ -114,44 +123,87 @@ def _run_warm_ups(rewarders: Mapping[str, Rewarder]) -> None:
         hook()
 
 
-def _worker_main(requests: Connection, replies: Connection) -> None:
-    """Entry point of a pool worker: init message (sys.path, pickled rewarders, memory cap in
-    bytes or None), the address-space cap, warm-ups, then tasks until EOF."""
-    parent_sys_path, payload, memory_bytes = requests.recv()
+def _handle(rewarders: Mapping[str, Rewarder], task: tuple[str, str, str, Mapping[str, Any]]) -> float:
+    name, prompt, completion, example = task
+    return call_rewarder(rewarders[name], prompt, completion, example)
+
+
+def _dispatcher_main(requests: Connection, replies: Connection) -> None:
+    """Entry point of the reward dispatcher (a spawned process): init message (sys.path,
+    pickled rewarders, pool size, memory cap in bytes or None, timeout in s), then one batch of
+    tasks per request, answered with ``("done", [(status, value), ...])`` in task order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it finishes the step
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the dispatcher ends when its pipe closes
+    parent_sys_path, payload, num_workers, memory_bytes, timeout_s = requests.recv()
     sys.path[:0] = [p for p in parent_sys_path if p not in sys.path]
-    if memory_bytes:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     try:
         rewarders = pickle.loads(payload)
-        _run_warm_ups(rewarders)
-    except BaseException as error:  # reported to the parent, which raises
+        pool = sandbox.ElasticPool(
+            functools.partial(_handle, rewarders), functools.partial(_run_warm_ups, rewarders), num_workers,
+            stall_s=stall_seconds(timeout_s), max_extra=MAX_SPARE_WORKERS, memory_bytes=memory_bytes,
+            close_fds=(requests.fileno(), replies.fileno()), start_timeout_s=_WORKER_START_TIMEOUT_S)
+        pool.wait_ready()
+    except BaseException as error:  # reported to the trainer, which raises
         replies.send(("init_error", describe(error)))
         return
     replies.send(("ready", os.getpid()))
+    while True:
+        try:
+            tasks = requests.recv()
+        except (EOFError, OSError):
+            break
+        try:
+            replies.send(("done", pool.run(tasks, timeout_s), pool.forks))
+        except Exception as error:  # e.g. a replacement worker whose warm-up failed
+            replies.send(("error", describe(error), pool.forks))
+    pool.close()
 
-    def handle(task: tuple[str, str, str, Mapping[str, Any]]) -> float:
-        name, prompt, completion, example = task
-        return call_rewarder(rewarders[name], prompt, completion, example)
 
-    sandbox.serve(requests, replies, handle)
+def stall_seconds(timeout_s: float) -> float:
+    """Seconds after which a busy reward worker counts as stalled and a spare takes its place:
+    a tenth of the per-call timeout, at most 1 s."""
+    return min(0.1 * timeout_s, 1.0)
 
 
-class _Worker:
-    """One pool process (a spawned ``sandbox.Child``) and its current task."""
+class _Dispatcher:
+    """Trainer side of the spawned dispatcher process that owns the forked reward workers."""
 
-    def __init__(self, payload: bytes, memory_bytes: int | None) -> None:
-        self.child = sandbox.spawn(__name__, "_worker_main")
-        self.child.requests.send(([p for p in sys.path if p], payload, memory_bytes))
-        self.started_at = time.monotonic()
+    def __init__(self, payload: bytes, num_workers: int, memory_bytes: int | None, timeout_s: float) -> None:
+        self.child = sandbox.spawn(__name__, "_dispatcher_main")
+        self.child.requests.send(([p for p in sys.path if p], payload, num_workers, memory_bytes, timeout_s))
         self.ready = False
-        self.task: int | None = None
-        self.deadline = math.inf
+        self.forks = 0
+
+    def _wait_ready(self) -> None:
+        if not self.child.replies.poll(_WORKER_START_TIMEOUT_S):
+            raise RuntimeError(f"reward workers not ready after {_WORKER_START_TIMEOUT_S} s")
+        try:
+            message = self.child.replies.recv()
+        except (EOFError, OSError):
+            raise RuntimeError("reward dispatcher exited during start-up") from None
+        if message[0] == "init_error":
+            raise RuntimeError(f"reward worker failed to initialise: {message[1]}")
+        self.ready = True
+
+    def run(self, tasks: list[tuple[str, str, str, Mapping[str, Any]]]) -> list[tuple[str, Any]]:
+        """(status, value) per task, in order (see ``sandbox.ElasticPool.run``)."""
+        if not self.ready:
+            self._wait_ready()
+        self.child.requests.send(tasks)
+        try:
+            message = self.child.replies.recv()
+        except (EOFError, OSError):
+            raise RuntimeError("reward dispatcher process died") from None
+        self.forks = message[2]
+        if message[0] != "done":
+            raise RuntimeError(f"reward workers failed: {message[1]}")
+        return message[1]
 
 
-def _shutdown(workers: list[_Worker]) -> None:
-    for worker in workers:
-        worker.child.kill()
-    workers.clear()
+def _shutdown(dispatchers: list[_Dispatcher]) -> None:
+    for dispatcher in dispatchers:
+        dispatcher.child.kill()  # its workers die with it (PR_SET_PDEATHSIG, or at EOF)
+    dispatchers.clear()
 
 
 class _AlarmTimeout:
@@ -177,7 +229,8 @@ class RewardExecutor:
 
     Args:
       rewarders: name -> (rewarder, weight).
-      num_workers: pool size; 0 runs inline in the calling thread (see the module doc).
+      num_workers: worker processes (more are forked while calls stall); 0 runs inline in the
+        calling thread (debugging; see the module doc).
       timeout_s: limit for one rewarder call on one sample.
       failure_reward: component value given to a call that fails, hangs or is non-finite.
       memory_bytes: address-space cap of each worker process (bytes; None = no cap).
@@ -207,7 +260,7 @@ class RewardExecutor:
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.failure_reward = float(failure_reward)
-        self._workers: list[_Worker] = []
+        self._dispatchers: list[_Dispatcher] = []  # at most one; a list so the finalizer sees a swap
         self._lock = threading.Lock()
         self._warmed_inline = False
         self.memory_bytes = memory_bytes
@@ -215,8 +268,17 @@ class RewardExecutor:
         self._reported: set[str] = set()
         if num_workers > 0:
             self._payload = self._pickle_rewarders()
-            self._workers = [_Worker(self._payload, self.memory_bytes) for _ in range(num_workers)]
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+            self._dispatchers.append(self._start_dispatcher())
+        self._finalizer = weakref.finalize(self, _shutdown, self._dispatchers)
+
+    def _start_dispatcher(self) -> _Dispatcher:
+        return _Dispatcher(self._payload, self.num_workers, self.memory_bytes, self.timeout_s)
+
+    @property
+    def worker_forks(self) -> int:
+        """Reward worker processes forked so far (initial pool, spares for stalled calls and
+        replacements of killed ones); 0 inline."""
+        return self._dispatchers[0].forks if self._dispatchers else 0
 
     def _pickle_rewarders(self) -> bytes:
         for name, fn in self.functions.items():
@@ -259,12 +321,13 @@ class RewardExecutor:
             if self.num_workers == 0:
                 outcomes, enforced = self._score_inline(tasks, prompts, completions, examples)
             else:
+                batch = [(name, prompts[i], completions[i], examples[i]) for name, i in tasks]
                 try:
-                    outcomes, enforced = self._score_pool(tasks, prompts, completions, examples), True
+                    outcomes, enforced = dict(zip(tasks, self._dispatchers[0].run(batch))), True
                 except BaseException:
-                    # Busy workers would answer stale tasks in the next batch: replace them.
-                    for worker in [w for w in self._workers if w.task is not None]:
-                        self._replace(worker)
+                    # An interrupted dispatcher would answer this batch in the next: replace it.
+                    _shutdown(self._dispatchers)
+                    self._dispatchers.append(self._start_dispatcher())
                     raise
         components = {name: np.empty(len(prompts), np.float32) for name in self.names}
         metrics: dict[str, float | str] = {}
@@ -323,54 +386,3 @@ class RewardExecutor:
             except Exception as error:
                 outcomes[(name, i)] = ("error", describe(error))
         return outcomes, enforced
-
-    def _replace(self, worker: _Worker) -> None:
-        worker.child.kill()
-        self._workers[self._workers.index(worker)] = _Worker(self._payload, self.memory_bytes)
-
-    def _score_pool(self, tasks, prompts, completions, examples):
-        pending = deque(range(len(tasks)))
-        outcomes: dict[tuple[str, int], tuple[str, Any]] = {}
-        while len(outcomes) < len(tasks):
-            now = time.monotonic()
-            for worker in self._workers:
-                if worker.ready and worker.task is None and pending:
-                    task_id = pending.popleft()
-                    name, i = tasks[task_id]
-                    worker.child.requests.send((name, prompts[i], completions[i], examples[i]))
-                    worker.task, worker.deadline = task_id, now + self.timeout_s
-            waiting = [w for w in self._workers if not w.ready or w.task is not None]
-            next_deadline = min(
-                [w.deadline for w in waiting if w.ready]
-                + [w.started_at + _WORKER_START_TIMEOUT_S for w in waiting if not w.ready]
-            )
-            ready_conns = wait([w.child.replies for w in waiting], timeout=max(0.0, next_deadline - now))
-            for worker in [w for w in waiting if w.child.replies in ready_conns]:
-                try:
-                    message = worker.child.replies.recv()
-                except (EOFError, OSError):
-                    self._on_worker_death(worker, tasks, outcomes, "worker process died")
-                    continue
-                if message[0] == "ready":
-                    worker.ready = True
-                elif message[0] == "init_error":
-                    raise RuntimeError(f"reward worker failed to initialise: {message[1]}")
-                else:  # ("ok", value) or ("error", message) for the worker's current task
-                    status, value = message
-                    outcomes[tasks[worker.task]] = (status, value)
-                    worker.task, worker.deadline = None, math.inf
-            now = time.monotonic()
-            for worker in list(self._workers):
-                if not worker.ready and now - worker.started_at > _WORKER_START_TIMEOUT_S:
-                    raise RuntimeError(f"reward worker not ready after {_WORKER_START_TIMEOUT_S} s")
-                if worker.task is not None and now > worker.deadline:
-                    outcomes[tasks[worker.task]] = ("timeout", f"RewarderTimeout: ran past {self.timeout_s} s")
-                    self._replace(worker)
-        return outcomes
-
-    def _on_worker_death(self, worker, tasks, outcomes, reason: str) -> None:
-        if not worker.ready:
-            raise RuntimeError(f"reward worker exited during start-up ({reason})")
-        if worker.task is not None:
-            outcomes[tasks[worker.task]] = ("error", f"WorkerDied: {reason}")
-        self._replace(worker)

@@ -17,20 +17,27 @@ request pipe close and exits, so no child outlives the process that started it f
 * ``Child.ask`` is the parent side of one call with a time limit; ``Respawning`` keeps a
   forked child that is SIGKILLed and re-forked after any call that misses its time limit or
   crashes the child (crash isolation: the caller only ever sees a reply tuple).
+* ``ElasticPool`` runs a batch of requests on forked children with a deadline per call. A
+  child busy past ``stall_s`` stops counting towards the pool size, so a spare is forked for
+  the requests still waiting: k hanging calls cost about one timeout, not k / size of them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import math
 import os
 import resource
 import signal
 import subprocess
 import sys
-from multiprocessing.connection import Connection
-from typing import Any, Callable
+import time
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Sequence
 
-__all__ = ["Child", "Respawning", "describe", "fork", "serve", "spawn"]
+__all__ = ["Child", "ElasticPool", "Respawning", "describe", "fork", "serve", "spawn"]
 
 _MAX_ERROR_CHARS = 300
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -119,16 +126,37 @@ def _spawned_main(module: str, function: str, read_fd: int, write_fd: int) -> No
     main(Connection(read_fd, writable=False), Connection(write_fd, readable=False))
 
 
-def fork(main: ChildMain, *, memory_bytes: int | None = None) -> Child:
-    """Fork this process; the child limits its address space to ``memory_bytes`` (bytes, if
-    given), runs ``main(requests, replies)`` and exits with ``os._exit`` whatever happens."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent exits (``PR_SET_PDEATHSIG``),
+    so a hung child never outlives a killed parent; elsewhere a child ends at its next read of
+    the closed request pipe."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(0)
+
+
+def fork(main: ChildMain, *, memory_bytes: int | None = None, close_fds: Sequence[int] = (),
+         die_with_parent: bool = False) -> Child:
+    """Fork this process; the child closes ``close_fds`` (the parent's other pipes, so that
+    their EOFs still reach their owners), optionally dies with its parent (Linux), limits its
+    address space to ``memory_bytes`` (bytes, if given), runs ``main(requests, replies)`` and
+    exits with ``os._exit`` whatever happens."""
     request_read, request_write = os.pipe()
     reply_read, reply_write = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(request_write)
             os.close(reply_read)
+            for fd in close_fds:
+                try:
+                    os.close(fd)
+                except OSError:  # already closed: nothing to release
+                    pass
+            if die_with_parent:
+                _die_with_parent(parent)
             if memory_bytes is not None:
                 resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
             main(Connection(request_read, writable=False), Connection(reply_write, readable=False))
@@ -203,3 +231,132 @@ class Respawning:
     def close(self) -> None:
         """Kill the child."""
         self.child.kill()
+
+
+class _PoolWorker:
+    """One forked child of an ``ElasticPool`` and its current request."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.forked_at = time.monotonic()
+        self.ready = False
+        self.task: int | None = None
+        self.started = self.deadline = math.inf
+
+
+class ElasticPool:
+    """Forked children that run batches of requests, each call with its own deadline.
+
+    Each child runs ``warm_up()`` once, then answers requests with ``handle(request)`` (as
+    ``serve``). ``size`` children are kept. A child busy for more than ``stall_s`` seconds on
+    one call no longer counts towards ``size``: while requests wait, spares are forked (at most
+    ``max_extra`` beyond ``size``), so hanging calls run concurrently and a batch where every
+    call hangs costs about one timeout. A call past its deadline is SIGKILLed with its child;
+    a child that dies is replaced. Idle spares are ended after each batch. Call it from a
+    small, single-threaded process (the children are forks of it).
+    """
+
+    def __init__(self, handle: Callable[[Any], Any], warm_up: Callable[[], None], size: int, *,
+                 stall_s: float, max_extra: int = 64, memory_bytes: int | None = None,
+                 close_fds: Sequence[int] = (), start_timeout_s: float = 180.0) -> None:
+        if size < 1:
+            raise ValueError(f"ElasticPool needs size >= 1, got {size}")
+        self._handle, self._warm_up = handle, warm_up
+        self.size, self.stall_s, self.max_extra = size, float(stall_s), max_extra
+        self._memory_bytes, self._close_fds = memory_bytes, tuple(close_fds)
+        self.start_timeout_s = start_timeout_s
+        self.workers: list[_PoolWorker] = []
+        self.forks = 0  # children forked so far (spares and replacements included)
+        self._top_up(time.monotonic(), pending=False)
+
+    def _child_main(self, requests: Connection, replies: Connection) -> None:
+        try:
+            self._warm_up()
+        except BaseException as error:  # reported to the pool, which raises
+            replies.send(("init_error", describe(error)))
+            return
+        replies.send(("ready", os.getpid()))
+        serve(requests, replies, self._handle)
+
+    def _fork(self) -> None:
+        others = [fd for w in self.workers for fd in (w.child.requests.fileno(), w.child.replies.fileno())]
+        child = fork(self._child_main, memory_bytes=self._memory_bytes, close_fds=[*self._close_fds, *others],
+                     die_with_parent=True)
+        self.workers.append(_PoolWorker(child))
+        self.forks += 1
+
+    def _top_up(self, now: float, pending: bool) -> None:
+        while len(self.workers) < self.size:
+            self._fork()
+        if not pending:
+            return
+        progressing = sum(1 for w in self.workers if w.task is None or now - w.started < self.stall_s)
+        while progressing < self.size and len(self.workers) < self.size + self.max_extra:
+            self._fork()
+            progressing += 1
+
+    def _drop(self, worker: _PoolWorker) -> None:
+        worker.child.kill()
+        self.workers.remove(worker)
+
+    def wait_ready(self) -> None:
+        """Block until every child has warmed up (RuntimeError naming the cause otherwise)."""
+        self.run([], 1.0, until_ready=True)
+
+    def run(self, requests: Sequence[Any], timeout_s: float, *, until_ready: bool = False) -> list[tuple[str, Any]]:
+        """Replies in input order: ``("ok", result)``, ``("error", "Type: message")`` (also for a
+        child that died) or ``("timeout", message)`` after ``timeout_s`` seconds of one call.
+        Replacement children keep warming up in the background after it returns."""
+        pending, replies = deque(range(len(requests))), [None] * len(requests)
+        while pending or any(w.task is not None or (until_ready and not w.ready) for w in self.workers):
+            now = time.monotonic()
+            self._top_up(now, bool(pending))
+            for worker in self.workers:
+                if worker.ready and worker.task is None and pending:
+                    worker.task = pending.popleft()
+                    worker.child.requests.send(requests[worker.task])
+                    worker.started, worker.deadline = now, now + timeout_s
+            busy = [w for w in self.workers if w.task is not None]
+            wake = [w.deadline for w in busy]
+            wake += [w.forked_at + self.start_timeout_s for w in self.workers if not w.ready]
+            if pending:
+                wake += [w.started + self.stall_s for w in busy if now - w.started < self.stall_s]
+            waiting = [w for w in self.workers if w.task is not None or not w.ready]
+            ready = wait([w.child.replies for w in waiting], timeout=max(0.0, min(wake, default=now) - now))
+            for worker in [w for w in waiting if w.child.replies in ready]:
+                self._receive(worker, replies)
+            now = time.monotonic()
+            for worker in list(self.workers):
+                if worker.task is not None and now > worker.deadline:
+                    replies[worker.task] = ("timeout", f"RewarderTimeout: ran past {timeout_s} s")
+                    self._drop(worker)
+                elif not worker.ready and now - worker.forked_at > self.start_timeout_s:
+                    raise RuntimeError(f"pool child not ready after {self.start_timeout_s} s")
+        for worker in self.workers[self.size:]:  # idle spares
+            worker.child.kill()
+        del self.workers[self.size:]
+        return replies
+
+    def _receive(self, worker: _PoolWorker, replies: list) -> None:
+        try:
+            message = worker.child.replies.recv()
+        except (EOFError, OSError):
+            if not worker.ready:
+                raise RuntimeError("pool child exited while warming up") from None
+            if worker.task is not None:
+                replies[worker.task] = ("error", "WorkerDied: the worker process died (crash or memory cap)")
+            self._drop(worker)
+            return
+        if message[0] == "ready":
+            worker.ready = True
+        elif message[0] == "init_error":
+            raise RuntimeError(f"warm-up failed: {message[1]}")
+        else:
+            replies[worker.task] = message
+            worker.task, worker.started, worker.deadline = None, math.inf, math.inf
+
+    def close(self) -> None:
+        """SIGKILL every child."""
+        for worker in self.workers:
+            worker.child.kill()
+        self.workers.clear()

@@ -23,6 +23,7 @@ previous one is tried.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable
@@ -40,12 +41,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or verified (the message names step and cause)."""
 
 
+# tensorstore (orbax's writer) reports an OS error deep inside a long message: "... [os_error_code='28']".
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
 def _cause(error: BaseException) -> str:
-    """The innermost cause of ``error`` as ``Type: message`` on one line."""
+    """The innermost cause of ``error`` as ``Type: message`` on one line (at most 300 characters
+    of the message), led by the OS error's text when tensorstore names one (e.g. ``No space left
+    on device``), so that disk full is said first and never cut off."""
     while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
         error = error.__cause__ or error.__context__
-    text = " ".join(str(error).split())[:300]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    text = " ".join(str(error).split())
+    code = _OS_ERROR_CODE.search(text)
+    lead = f"{os.strerror(int(code.group(1)))}: " if code else ""
+    return f"{lead}{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
 class Checkpointer:
