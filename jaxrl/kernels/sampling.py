@@ -152,7 +152,10 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p, *, comp
         lambda: jnp.where(greedy, 0.0, gumbel_noise(key_data, num_rows, vocab_size)),
     )
     score = jnp.where(kept, z * inv_temperature + noise, _NEG_INF)
-    tokens = jnp.argmax(score, axis=1).astype(jnp.int32)
+    # argmax as max + lowest index at the max (the kernel's rule): two plain reductions, ~30x
+    # faster than XLA CPU's variadic (value, index) reduce at [64, 4096]; same result (no NaN).
+    best = jnp.max(score, axis=1, keepdims=True)
+    tokens = jnp.min(jnp.where(score == best, jnp.arange(vocab_size, dtype=jnp.int32), vocab_size), axis=1)
 
     def kept_stats():
         kept_z = jnp.where(kept, z, _NEG_INF)

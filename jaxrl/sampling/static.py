@@ -7,14 +7,19 @@ Flow of :func:`generate_from_params` (device arrays in, :class:`~jaxrl.types.Rol
 
 1. Bucket the shapes (see :func:`bucket_size`): prompt width, number of prompts and the
    decode budget are rounded up to powers of two, so calls inside one bucket reuse the
-   compiled functions. Extra prompt rows are one pad token long, start "done" and are dropped.
-2. ``_prefill`` (jit): one forward over the left-padded prompts [N_b, P_b] fills a KV cache,
-   which is then repeated to the ``n`` samples of each prompt (rows of one prompt contiguous)
-   and grown by ``new_tokens_bucket`` empty slots.
-3. ``_decode`` (jit, cache donated): samples token 0 from the prefill logits, then a
-   ``lax.while_loop`` feeds the last token, samples the next with the fused sampler
-   (:func:`jaxrl.kernels.sampling.sample_tokens`) and stops per row on a stop token id or
-   ``max_new_tokens``; the loop exits as soon as every row is done.
+   compiled program. Extra prompt rows are one pad token long, start "done" and are dropped.
+   Host inputs are padded with numpy; controls and the stop table are numpy too, so a call
+   runs exactly one device program (``_generate``; the only eager ops are the final slices
+   when the bucket is larger than the request).
+2. ``_generate`` (jit): one forward over the left-padded prompts [N_b, P_b] fills a KV cache,
+   which is then repeated to the ``n`` samples of each prompt (rows of one prompt contiguous),
+   made head-major and grown by ``new_tokens_bucket`` empty slots
+   (:func:`jaxrl.sampling.kv_cache.fan_out`).
+3. In the same program, :func:`jaxrl.sampling.decode.decode_loop` samples token 0 from the
+   prefill logits, then ``lax.while_loop`` phases feed the last token (cache written in
+   place), sample the next with the fused sampler (:func:`jaxrl.kernels.sampling.sample_tokens`)
+   and stop per row on a stop token id or ``max_new_tokens``; the loop exits as soon as every
+   row is done. Attention reads each row's live slot range only.
 
 Cache slot layout per row: slots ``0..P_b-1`` hold the left-padded prompt (pads invalid),
 completion token ``i`` lives in slot ``P_b + i``. Positions are real: 0 at the row's first
