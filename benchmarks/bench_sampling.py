@@ -15,8 +15,8 @@ HF vs jaxrl: torch ``generate`` (eager, DynamicCache, do_sample, top_k=0, top_p=
 num_return_sequences = samples, min_new_tokens = max_new_tokens) on the same weights and
 prompts, in this process, interleaved per repeat as (HF, jaxrl, HF). Each timed call is
 guarded: the CPU time the rest of the machine used during the call (from /proc/stat minus
-this process) must stay under ``--max-other`` cores, else the call is retried (up to 5
-times; the last try is kept and flagged). Medians of ``--repeats`` repeats.
+this process) must stay under ``--max-other`` cores, else the call is retried (up to
+``--tries`` times; the last try is kept and flagged). Every timed call is printed as it ends. Medians of ``--repeats`` repeats.
 
 Rows of ``--naive``:
   naive   per-sample prefill (prompts * samples rows, no fan-out), then a Python loop over
@@ -189,10 +189,12 @@ def compare_with_hf(args, cfg, params, prompts, lengths, sampling) -> None:
         ours_first = time.perf_counter() - start
         hf_times, ours_times, others = [], [], []
         for _ in range(args.repeats):
-            for fn, bucket in ((hf, hf_times), (ours, ours_times), (hf, hf_times)):
-                seconds, other = guarded_call(fn, args.max_other)
+            for name, fn, bucket in (("hf", hf, hf_times), ("jaxrl", ours, ours_times), ("hf", hf, hf_times)):
+                seconds, other = guarded_call(fn, args.max_other, args.tries)
                 bucket.append(seconds)
                 others.append(other)
+                print(f"  {name}: {generated / seconds:.0f} tokens/s ({seconds:.3f} s, other processes "
+                      f"{other:.2f} cores{' > limit, kept' if other > args.max_other else ''})", flush=True)
     hf_rate = generated / statistics.median(hf_times)
     ours_rate = generated / statistics.median(ours_times)
     print(f"load: 1-min average {os.getloadavg()[0]:.2f}; other processes during timed calls: "
@@ -220,6 +222,7 @@ def main() -> None:
     parser.add_argument("--naive", action="store_true", help="also time the naive sampler rows")
     parser.add_argument("--max-other", type=float, default=0.3,
                         help="cores other processes may use during a timed call before it is retried")
+    parser.add_argument("--tries", type=int, default=5, help="tries per timed call under the guard")
     args = parser.parse_args()
 
     cfg = bench_model_config(args.shape, args.dtype)
