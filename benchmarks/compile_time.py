@@ -1,19 +1,28 @@
-"""Compile time of forward + backward vs depth: proves the layer scan (compile time flat in L).
+"""Compile time of forward + backward vs depth (the layer scan keeps it flat in L), and of the
+sampling engine's first call.
 
 Usage: python benchmarks/compile_time.py [--layers 2 16]
-Prints a table of lowering+compile seconds per depth and the ratio to the shallowest.
+       python benchmarks/compile_time.py --sampler small deep
+The first prints lowering+compile seconds per depth and the ratio to the shallowest. The
+second runs the engine's first call on each ``bench_sampling`` shape (8 prompts x 8 samples,
+64-token prompts, 128 new tokens) and prints how many programs it compiled and the seconds
+spent tracing, lowering and compiling them (jax.monitoring events), beside the call's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from benchmarks.bench_sampling import bench_model_config
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import forward_params, init_params
+from jaxrl.sampling.engine import SamplingConfig, generate_from_params
 
 
 def tiny_config(num_layers: int) -> ModelConfig:
@@ -35,10 +44,39 @@ def compile_seconds(num_layers: int, *, batch: int = 2, length: int = 32) -> flo
     return time.perf_counter() - start
 
 
+_EVENTS: collections.defaultdict = collections.defaultdict(list)
+jax.monitoring.register_event_duration_secs_listener(lambda name, secs, **_: _EVENTS[name].append(secs))
+
+
+def sampler_first_call(shape: str) -> tuple[int, float, float, float]:
+    """(programs compiled, trace s, lower s, backend-compile s, wall s) of the engine's first
+    call on the ``bench_sampling`` shape ``shape``."""
+    cfg = bench_model_config(shape)
+    params = jax.block_until_ready(init_params(cfg, jax.random.key(0)))
+    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (8, 64)).astype(np.int32)
+    sampling = SamplingConfig(max_prompt_tokens=64, max_new_tokens=128, stop_token_ids=())
+    _EVENTS.clear()
+    start = time.perf_counter()
+    jax.block_until_ready(generate_from_params(params, cfg, prompts, np.full((8,), 64, np.int32), 8,
+                                               sampling, jax.random.key(1)).tokens)
+    wall = time.perf_counter() - start
+    compiles = _EVENTS["/jax/core/compile/backend_compile_duration"]
+    return (len(compiles), sum(_EVENTS["/jax/core/compile/jaxpr_trace_duration"]),
+            sum(_EVENTS["/jax/core/compile/jaxpr_to_mlir_module_duration"]), sum(compiles), wall)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--sampler", nargs="+", choices=["small", "deep", "1b"])
     args = parser.parse_args()
+    if args.sampler:
+        print(f"| shape | programs compiled | trace s | lower s | compile s | first call s |")
+        print(f"|-------|------------------:|--------:|--------:|----------:|-------------:|")
+        for shape in args.sampler:
+            count, trace, lower, comp, wall = sampler_first_call(shape)
+            print(f"| {shape} | {count} | {trace:.2f} | {lower:.2f} | {comp:.2f} | {wall:.2f} |")
+        return
     compile_seconds(1)  # warm up tracing machinery
     rows = [(n, compile_seconds(n)) for n in args.layers]
     base = rows[0][1]

@@ -32,6 +32,9 @@ class SamplingConfig:
         it for one of the two (None = use ``impl``).
     min_prompt_bucket, min_new_tokens_bucket, min_batch_bucket: smallest bucket (power of two)
         for the padded prompt width, the decode budget and the number of prompts.
+    compute_entropy: False skips the full-vocabulary entropy in the sampler (Rollout.entropies
+        are then zeros); log-probs are always computed. Only losses/metrics that read the
+        rollout entropies (the forking-token mask) need it.
     """
 
     max_prompt_tokens: int = 512
@@ -47,6 +50,7 @@ class SamplingConfig:
     min_prompt_bucket: int = 16
     min_new_tokens_bucket: int = 16
     min_batch_bucket: int = 1
+    compute_entropy: bool = True
 
     def __post_init__(self):
         for name in ("max_prompt_tokens", "max_new_tokens"):
@@ -72,6 +76,8 @@ class SamplingConfig:
                 continue
             if value not in IMPLS:
                 raise ValueError(f"SamplingConfig.{name}={value!r} must be one of {IMPLS}")
+        if not isinstance(self.compute_entropy, (bool, np.bool_)):
+            raise ValueError(f"SamplingConfig.compute_entropy must be a bool, got {self.compute_entropy!r}")
         for name in ("min_prompt_bucket", "min_new_tokens_bucket", "min_batch_bucket"):
             if not _is_power_of_two(int(getattr(self, name))):
                 raise ValueError(f"SamplingConfig.{name} must be a power of two, got {getattr(self, name)}")

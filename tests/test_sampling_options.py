@@ -1,0 +1,88 @@
+"""Options that cost nothing when off: entropies only when asked for (log-probs always), and
+the run-time skips of the jnp sampler (no truncation, all greedy) against float64 numpy; the
+phased (live-length) decode loop against a single full-width phase."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrl.kernels.sampling import make_key_data, sample_tokens
+from jaxrl.models.config import ModelConfig
+from jaxrl.models.transformer import Transformer, init_params
+from jaxrl.sampling import decode
+from jaxrl.sampling.engine import SamplingConfig, generate
+from tests.test_kernel_sampling import check_against_numpy, mixed_rows
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_entropy_switch_keeps_tokens_and_logprobs(impl):
+    rng = np.random.default_rng(4)
+    z, temperature, top_k, top_p = mixed_rows(rng, vocab=700, num_rows=8)
+    key_data = make_key_data(jax.random.key(9), 3)
+    options = dict(impl=impl, block_v=256) if impl == "pallas" else dict(impl=impl)
+    with_h = [np.asarray(a) for a in sample_tokens(z, key_data, temperature, top_k, top_p, **options)]
+    without = [np.asarray(a) for a in sample_tokens(z, key_data, temperature, top_k, top_p,
+                                                     compute_entropy=False, **options)]
+    np.testing.assert_array_equal(without[0], with_h[0])
+    np.testing.assert_array_equal(without[1], with_h[1])  # the same float ops: bit-identical
+    np.testing.assert_array_equal(without[2], 0.0)
+    check_against_numpy(z, temperature, top_k, top_p, *with_h, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["untruncated", "all-greedy"])
+def test_reference_fast_paths_match_numpy(mode):
+    """Rows where nothing is cut (kept-set pass skipped) or all greedy (noise skipped)."""
+    rng = np.random.default_rng(5)
+    z, temperature, top_k, top_p = mixed_rows(rng, vocab=500, num_rows=8)
+    top_k[:], top_p[:] = 0, 1.0
+    if mode == "all-greedy":
+        temperature[:] = 0.0
+    out = [np.asarray(a) for a in sample_tokens(z, make_key_data(jax.random.key(2), 1), temperature,
+                                                top_k, top_p, impl="reference")]
+    check_against_numpy(z, temperature, top_k, top_p, *out, atol=1e-5)
+
+
+def test_attention_windows():
+    assert decode.attention_windows(64, 192) == (128, 192)
+    assert decode.attention_windows(16, 4096 + 16) == (128, 256, 512, 1024, 2048, 4096, 4112)
+    assert decode.attention_windows(256, 320) == (320,)  # no window leaves room past the prompt
+    assert decode.attention_windows(16, 4112, phased=False) == (4112,)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    cfg = ModelConfig(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=48,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
+                      eos_token_id=2, pad_token_id=0)
+    return Transformer(cfg, params=init_params(cfg, jax.random.key(1), std=0.3))
+
+
+def test_phased_decode_equals_one_phase(small_model, monkeypatch):
+    """Windows of 16 slots (5 phases over 80 slots) give the very rollout of one full phase:
+    the live-length bound drops only slots no row may attend to."""
+    cfg = SamplingConfig(max_prompt_tokens=16, max_new_tokens=60, stop_token_ids=(2,), top_k=30,
+                         temperature=0.9, impl="reference")
+    prompts = [[5, 6, 7], list(range(10, 26)), [40] * 9]
+    monkeypatch.setattr(decode, "MIN_WINDOW", 10**6)
+    one = generate(small_model, prompts, 2, cfg, jax.random.key(4))
+    monkeypatch.setattr(decode, "MIN_WINDOW", 16)
+    assert decode.attention_windows(16, 80) == (32, 64, 80)
+    phased = generate(small_model, prompts, 2, cfg, jax.random.key(4))
+    for field in ("tokens", "lengths", "finish_reason"):
+        np.testing.assert_array_equal(np.asarray(getattr(phased, field)), np.asarray(getattr(one, field)))
+    # Attention over fewer masked-out slots: the same sums up to float32 reassociation.
+    np.testing.assert_allclose(np.asarray(phased.logprobs), np.asarray(one.logprobs), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(phased.entropies), np.asarray(one.entropies), atol=1e-5)
+
+
+def test_engine_without_entropy(small_model):
+    cfg = SamplingConfig(max_prompt_tokens=16, max_new_tokens=20, stop_token_ids=(), impl="reference")
+    prompts = [[5, 6, 7], [9, 10]]
+    full = generate(small_model, prompts, 2, cfg, jax.random.key(8))
+    lean = generate(small_model, prompts, 2, cfg.replace(compute_entropy=False), jax.random.key(8))
+    np.testing.assert_array_equal(np.asarray(lean.tokens), np.asarray(full.tokens))
+    np.testing.assert_array_equal(np.asarray(lean.logprobs), np.asarray(full.logprobs))
+    np.testing.assert_array_equal(np.asarray(lean.entropies), 0.0)
+    assert np.all(np.asarray(full.entropies) > 0.0)
+    with pytest.raises(ValueError, match="compute_entropy"):
+        cfg.replace(compute_entropy="yes")
