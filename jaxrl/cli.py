@@ -33,6 +33,7 @@ from jaxrl.config import ConfigError, config_from_json, load_config, validate
 from jaxrl.data.tokenizer import decode_completion, encode_prompt
 from jaxrl.eval.evaluate import evaluate_sets
 from jaxrl.eval.report import heldout_before_after
+from jaxrl.kernels.backend import enable_compilation_cache
 from jaxrl.models import from_pretrained, model_params, save_pretrained, with_params
 from jaxrl.sharding.mesh import maybe_initialize_distributed
 from jaxrl.sharding.transfer import host_array
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxrl`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _compilation_cache()
     if argv and argv[0] in DELEGATED:  # hand the arguments over verbatim, in their order
         module, _ = DELEGATED[argv[0]]
         args = argparse.Namespace(command=argv[0], rest=argv[1:], func=_delegate(module, argv[0]))
@@ -306,6 +308,19 @@ def _user_error_code(command: str, error: BaseException) -> int | None:
         print(f"jaxrl {command}: stopped: {_one_line(error)}", file=sys.stderr)
         return UNHEALTHY
     return None
+
+
+def _compilation_cache() -> None:
+    """Persistent XLA compilation cache (docs/design.md §8): a second start of the same run, or
+    a resume, pays no compile. ``JAXRL_COMPILATION_CACHE`` = a directory (default
+    ~/.cache/jaxrl/xla) or ``off``; an unusable directory is reported in one line and skipped."""
+    path = os.environ.get("JAXRL_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxrl", "xla"))
+    if path.strip().lower() in ("off", "0", "none", ""):
+        return
+    try:
+        enable_compilation_cache(path)
+    except ValueError as error:
+        print(f"jaxrl: compilation cache off: {_one_line(error)}", file=sys.stderr)
 
 
 def _one_line(error: BaseException) -> str:

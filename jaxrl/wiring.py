@@ -66,10 +66,18 @@ def stop_token_ids(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, token
     return tuple(dict.fromkeys(ids))
 
 
+def rollout_entropy_needed(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether training rollouts compute full-vocabulary entropies: only with the forking-token
+    mask on (its threshold population; log-probs are always computed). Off, the step logs no
+    ``rollout/entropy_mean`` and the collapse check reads the completions only."""
+    return cfg.rl.loss.token_mask != "all"
+
+
 def sampling_config(cfg: ml_collections.ConfigDict, *, temperature: float | None = None,
-                    top_p: float | None = None, stop_ids: tuple[int, ...] | None = None) -> SamplingConfig:
+                    top_p: float | None = None, stop_ids: tuple[int, ...] | None = None,
+                    compute_entropy: bool | None = None) -> SamplingConfig:
     """The engine's SamplingConfig for training rollouts (or eval, with overrides); ``stop_ids``
-    None = the model's eos ids."""
+    None = the model's eos ids; ``compute_entropy`` None = ``rollout_entropy_needed(cfg)``."""
     return SamplingConfig(
         max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_new_tokens=cfg.sampling.max_new_tokens,
@@ -77,6 +85,7 @@ def sampling_config(cfg: ml_collections.ConfigDict, *, temperature: float | None
         top_k=cfg.sampling.top_k,
         top_p=cfg.sampling.top_p if top_p is None else top_p,
         stop_token_ids=stop_ids,
+        compute_entropy=rollout_entropy_needed(cfg) if compute_entropy is None else compute_entropy,
     )
 
 

@@ -94,7 +94,8 @@ def load_eval_records(cfg: ml_collections.ConfigDict, tokenizer, eval_set: "wiri
 def _generate(params, model_cfg, tokenizer, records, n: int, cfg, key, mesh, temperature: float, top_p: float):
     """Completions (token lists, lengths) [len(records) * n] in record order, decoded
     ``eval.batch_prompts`` prompts at a time and cut at ``sampling.stop_strings`` as in training."""
-    backend = wiring.rollout_backend(cfg, model_cfg, mesh, max_rows_per_call=cfg.eval.batch_prompts * n)
+    backend = wiring.rollout_backend(cfg, model_cfg, mesh, max_rows_per_call=cfg.eval.batch_prompts * n,
+                                     compute_entropy=False)
     tokens, lengths = left_pad_prompts(records, cfg.data.max_prompt_tokens, backend.pad_id)
     rollout = backend.generate(params, tokens, lengths, n, key, temperature=temperature, top_p=top_p)
     out_tokens, out_lengths = host_array(rollout.tokens), host_array(rollout.lengths)

@@ -31,7 +31,7 @@ from jaxrl.rl.filters import DynamicSamplingAccumulator
 from jaxrl.sampling.backend import RolloutBackend
 from jaxrl.sharding.transfer import host_array, put_on_mesh
 from jaxrl.types import FINISH_LENGTH, Rollout, Scored, TrainBatch
-from jaxrl.wiring import CORRECT_COMPONENT
+from jaxrl.wiring import CORRECT_COMPONENT, rollout_entropy_needed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +134,8 @@ def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
         if acc.is_full or acc.out_of_rounds:
             break
     metrics = _round_metrics(rounds)
+    if rollout_entropy_needed(cfg):  # otherwise the sampler computed no entropies (zeros)
+        metrics["rollout/entropy_mean"] = float(np.mean([_mean_entropy(s.rollout) for s in rounds]))
     metrics.update({k: float(v) for k, v in reward_metrics.items() if k != "reward/mean"})
     metrics.update(totals)
     metrics["throughput/sample_tokens_per_s"] = totals["generated_tokens"] / max(totals["time/sample"], 1e-9)
@@ -169,7 +171,6 @@ def _round_metrics(rounds: list[Scored]) -> dict[str, float]:
         "rollout/response_length_mean": float(np.mean(generated)),
         "rollout/response_length_max": float(np.max(generated)),
         "rollout/truncated_fraction": float(np.mean(np.concatenate([s.finish_reason for s in rounds]) == FINISH_LENGTH)),
-        "rollout/entropy_mean": float(np.mean([_mean_entropy(s.rollout) for s in rounds])),
     }
 
 
