@@ -50,7 +50,7 @@ def _start(model_dir, root, name, devices, max_rows_per_call=0, port=None, proce
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(procs, timeout=900):
+def finish_processes(procs, timeout=900):
     """stdout of each process (all must exit 0); kills the rest on failure."""
     try:
         outputs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -69,7 +69,7 @@ def _result(output: str) -> dict:
 
 
 def run_loop(model_dir, root, name, devices, max_rows_per_call=0):
-    result = _result(_finish([_start(model_dir, root, name, devices, max_rows_per_call)])[0])
+    result = _result(finish_processes([_start(model_dir, root, name, devices, max_rows_per_call)])[0])
     assert result["devices"] == devices
     return result["metrics"]
 
@@ -100,7 +100,8 @@ def test_capped_rows_per_call_samples_in_chunks_on_eight_devices(tiny_model_dir,
         assert step["dynamic_sampling/groups_kept"] <= 4  # group ids stay per prompt across chunks
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on localhost now (for the jax.distributed coordinator)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
@@ -113,11 +114,11 @@ def _scored(root, name, process):
 
 @pytest.mark.slow
 def test_two_processes_run_the_loop_like_one_process_and_score_only_their_prompts(tiny_model_dir, tmp_path):
-    root, port = str(tmp_path), _free_port()
+    root, port = str(tmp_path), free_port()
     # All three processes run at once; the single-process reference is independent.
     procs = [_start(tiny_model_dir, root, "single", 8)]
     procs += [_start(tiny_model_dir, root, "multi", 4, port=port, process_id=i) for i in range(2)]
-    single_out, *multi_out = _finish(procs)
+    single_out, *multi_out = finish_processes(procs)
     single, multi = _result(single_out), [_result(text) for text in multi_out]
     assert (single["processes"], single["devices"]) == (1, 8)
     assert [(m["processes"], m["devices"]) for m in multi] == [(2, 8), (2, 8)]
