@@ -58,6 +58,7 @@ def main(model_dir: str, root: str, name: str, max_rows_per_call: int) -> None:
     cfg.rewards.custom = ("tests.sharding_loop_script:record_prompt=1.0",)
     cfg.rewards.overlong_penalty = False
     result = loop.train(cfg)
+    os.environ["SCORED_LOG"] += ".eval"  # the held-out eval's rewarder calls go to another log
     with jax.set_mesh(mesh := wiring.mesh_of(cfg)):  # held-out eval of the final params, on every process
         policy = wiring.load_policy(cfg, mesh)
         reports = evaluate_sets(result.state.params, policy.model_cfg, policy.tokenizer, cfg,
