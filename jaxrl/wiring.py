@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxrl.config import advantage_config, loss_config, mesh_shape, rewarder_spec
@@ -31,6 +32,7 @@ import jaxrl.sampling.continuous  # noqa: F401  registers the "continuous" rollo
 from jaxrl.sampling.backend import RolloutBackend, make_backend
 from jaxrl.sampling.engine import SamplingConfig
 from jaxrl.sharding.mesh import make_mesh
+from jaxrl.sharding.transfer import process_block
 
 # The rewarder whose score decides correctness (accuracy, pass@k, dynamic sampling's "acc").
 CORRECT_COMPONENT = "correct"
@@ -165,12 +167,16 @@ def data_files(cfg: ml_collections.ConfigDict, split: str = "train") -> list[str
 
 
 def _synthetic_file(cfg: ml_collections.ConfigDict, split: str) -> str:
+    """RUN_DIR/data/<split>.jsonl, written by process 0 if missing; every process calls this at
+    the same point and waits for the file (RUN_DIR is on storage all processes share)."""
     out_dir = os.path.join(run_dir_of(cfg), "data")
     path = os.path.join(out_dir, f"{split}.jsonl")
     if not os.path.isfile(path) and jax.process_index() == 0:
         synthetic.dump_splits(out_dir, num_train=cfg.data.synthetic_num_train,
                               num_heldout=cfg.data.synthetic_num_heldout, seed=cfg.run.seed,
                               difficulty=cfg.data.synthetic_difficulty, with_reference=False)
+    if jax.process_count() > 1:  # the others must not look for the file before it is written
+        multihost_utils.sync_global_devices(f"jaxrl synthetic data {path}")
     return path
 
 
@@ -214,12 +220,22 @@ def prompt_options(cfg: ml_collections.ConfigDict, preset: str | None = None) ->
 
 def prompt_iterator(cfg: ml_collections.ConfigDict, tokenizer, files: list[str], batch_size: int, *,
                     shuffle: bool, num_epochs: int | None) -> PromptIterator:
-    """The grain prompt iterator over ``files`` (every process reads the same stream); process 0
-    prints the rows kept and skipped by reason."""
+    """The grain prompt iterator over ``files``, yielding batches of ``batch_size`` prompts.
+
+    Every process iterates the same stream, so a batch (and the checkpointed position) does
+    not depend on the number of processes; process i of k then samples the batch over the
+    whole mesh but decodes and scores only its block of prompts, ``process_block(batch_size)``
+    (``train/rollouts.py``, ``score``). Process 0 prints the rows kept and skipped by reason;
+    with several processes each prints its block.
+    """
     iterator = make_prompt_iterator(files, tokenizer, batch_size=batch_size, seed=cfg.run.seed, shuffle=shuffle,
                                     num_epochs=num_epochs, **prompt_options(cfg))
     if jax.process_index() == 0:
         print(f"data: {iterator.stats.summary()}", flush=True)
+    if jax.process_count() > 1:
+        start, stop = process_block(batch_size)
+        print(f"data: process {jax.process_index()}/{jax.process_count()} scores prompts [{start}, {stop}) of "
+              f"each batch of {batch_size}", flush=True)
     return iterator
 
 

@@ -97,13 +97,14 @@ def main():
     select_fn = jax.jit(lambda entropy, valid: forking_token_mask(entropy, valid, rho=0.2)[0],
                         in_shardings=(token_sh, token_sh), out_shardings=token_sh)
 
-    losses = []
+    losses, grad_norms = [], []
     with jax.set_mesh(mesh):  # the model's activation constraints read the mesh from context
         for step in range(2):
             batch = to_global(host_train_batch(step), batch_sh)
             select = select_fn(batch.rollout_entropy, batch.loss_mask)
             state, metrics = update(state, batch, select)
             losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
+            grad_norms.append(float(np.asarray(metrics["grad_norm"].addressable_data(0))))
 
     gathered = jax.jit(lambda p: p, out_shardings=rep)(state.params)
     flat = {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
@@ -112,7 +113,8 @@ def main():
     print(f"process {jax.process_index()}/{jax.process_count()} local_devices={jax.local_device_count()} "
           f"losses={losses} q_proj_shard={q_shard}", flush=True)
     if jax.process_index() == 0:
-        np.savez(out_path, losses=np.asarray(losses), q_proj_shard=np.asarray(q_shard), **flat)
+        np.savez(out_path, losses=np.asarray(losses), grad_norms=np.asarray(grad_norms),
+                 q_proj_shard=np.asarray(q_shard), **flat)
 
 
 if __name__ == "__main__":

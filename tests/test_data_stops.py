@@ -95,7 +95,7 @@ def test_score_cuts_lengths_rewards_and_loss_mask_together(tokenizer):
     collector = rollouts.Collector(backend=None, data=None, rewards=executor, tokenizer=tokenizer, cfg=cfg,
                                    row_sharding=None)
     try:
-        scored, samples, _ = rollouts.score(collector, records, rollout)
+        scored, samples, _, _ = rollouts.score(collector, records, rollout)
     finally:
         executor.close()
     # Row 0 "3 * 3 = 9 then" -> 9 tokens; row 1 "3 + 6 = 9" completes at its 9th token (its eos

@@ -240,8 +240,10 @@ def start(cfg: ml_collections.ConfigDict, allow_config_change: Sequence[str] = (
     return run, LoopState(restored, meta["data_state"], int(meta["consecutive_bad_steps"])), step
 
 
-def run_step(run: Run, loop_state: LoopState, logger: MetricsLogger) -> tuple[LoopState, StepMetrics, list[dict]]:
-    """One RL step: collect → train batch → optimise → advance step and RNG."""
+def run_step(run: Run, loop_state: LoopState, logger: MetricsLogger
+             ) -> tuple[LoopState, StepMetrics, rollouts.Collected]:
+    """One RL step: collect → train batch → optimise → advance step and RNG; also returns what
+    was collected (samples, completion keys for the health check)."""
     state = loop_state.train
     step_number = int(state.step) + 1
     rng, step_key = jax.random.split(state.rng)
@@ -266,7 +268,7 @@ def run_step(run: Run, loop_state: LoopState, logger: MetricsLogger) -> tuple[Lo
     metrics["compiles/update"] = float(train_step.TRACE_COUNTS["update"])
     metrics["compiles/logprobs"] = float(train_step.TRACE_COUNTS["logprobs"])
     metrics["skipped_updates_total"] = float(int(state.skipped_updates))
-    return loop_state, StepMetrics(step_number, metrics), collected.samples
+    return loop_state, StepMetrics(step_number, metrics), collected
 
 
 def _eval(run: Run, params, step: int) -> dict[str, float]:
@@ -305,10 +307,12 @@ def _open_logger(run: Run, resumed_from: int | None) -> MetricsLogger:
 
 
 def _check_health(run: Run, loop_state: LoopState, tracker: health.HealthTracker, step_number: int,
-                  metrics: dict[str, Any], samples: list[dict]) -> None:
+                  metrics: dict[str, Any], completion_keys: list[str]) -> None:
     """RunUnhealthy when the state after step ``step_number`` is non-finite or the policy has
-    collapsed for ``train.max_bad_steps`` steps; the unhealthy checkpoints are then moved aside."""
-    reasons = health.collapse_reasons([s["completion"] for s in samples], metrics)
+    collapsed for ``train.max_bad_steps`` steps; the unhealthy checkpoints are then moved aside.
+    completion_keys: every process's completions as keys (equal on every process, so all
+    processes decide alike; see ``rollouts.Collected``)."""
+    reasons = health.collapse_reasons(completion_keys, metrics)
     if reasons:  # these rollouts came from the state saved after the previous step
         run.checkpointer.mark_unhealthy(step_number - 1)
     stop = tracker.observe(reasons)
@@ -373,7 +377,8 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None,
                 if watchdog is not None:  # raises PeerFailure when another process failed
                     watchdog.check(int(loop_state.train.step) + 1)
                 step_started = time.monotonic()
-                loop_state, step_metrics, samples = run_step(run, loop_state, logger)
+                loop_state, step_metrics, collected = run_step(run, loop_state, logger)
+                samples = collected.samples
                 step_number, metrics = step_metrics.step, step_metrics.values
                 bad = metrics["update_skipped"] > 0
                 if cfg.eval.every_steps and step_number % cfg.eval.every_steps == 0 and not bad:
@@ -384,7 +389,7 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None,
                 metrics["time/step"] = time.monotonic() - step_started
                 metrics["throughput/tokens_per_s"] = metrics["generated_tokens"] / max(metrics["time/step"], 1e-9)
                 try:
-                    _check_health(run, loop_state, tracker, step_number, metrics, samples)
+                    _check_health(run, loop_state, tracker, step_number, metrics, collected.completion_keys)
                 finally:
                     logger.log_step(step_number, metrics)
                 if cfg.logging.samples_every and step_number % cfg.logging.samples_every == 0:

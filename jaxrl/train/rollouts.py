@@ -2,6 +2,10 @@
 
 1. Draw P prompts, sample n responses each through the rollout backend (arrays stay on
    device), bring the completion tokens and per-row ints to the host, score them → Scored.
+   Multi-process: every process draws the same P prompts and samples them over the whole
+   mesh, but decodes and scores only its own block of prompts (``process_block``: process i
+   of k gets prompts [i·P/k, (i+1)·P/k)); the per-row scores are then all-gathered, so the
+   dynamic-sampling decision, the advantages and the metrics are the same on every process.
 2. With dynamic sampling, keep only groups whose filter metric (``rl.dynamic_sampling_metric``:
    correctness or total reward) differs, drawing more prompt
    batches until P groups are kept or ``rl.max_sampling_rounds`` is reached; a short batch
@@ -12,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from typing import Any, Callable
 
@@ -29,7 +34,7 @@ from jaxrl.rewards.base import RewardExecutor
 from jaxrl.rl.advantages import AdvantageConfig, compute_advantages
 from jaxrl.rl.filters import DynamicSamplingAccumulator
 from jaxrl.sampling.backend import RolloutBackend
-from jaxrl.sharding.transfer import host_array, put_on_mesh
+from jaxrl.sharding.transfer import gather_blocks, gather_scalars, host_array, process_block, process_rows, put_on_mesh
 from jaxrl.types import FINISH_LENGTH, Rollout, Scored, TrainBatch
 from jaxrl.wiring import CORRECT_COMPONENT, rollout_entropy_needed
 
@@ -58,35 +63,110 @@ class Collector:
 @dataclasses.dataclass(frozen=True)
 class Collected:
     """The kept rows of one step: ``scored`` rows (device rollout + host scores) with group
-    ids renumbered 0..G-1, or None when no group had reward variance."""
+    ids renumbered 0..G-1, or None when no group had reward variance.
+
+    samples: the first round's rows this process scored (prompt, completion, reward).
+    completion_keys: one key per row of the first round, all processes' rows ("" for an
+    empty completion, else a digest of its text: equal keys = equal texts), for the health
+    check, which must decide the same on every process.
+    """
 
     scored: Scored | None
     metrics: dict[str, float]
     samples: list[dict]
+    completion_keys: list[str] = dataclasses.field(default_factory=list)
 
 
-def score(collector: Collector, records: list[dict], rollout: Rollout) -> tuple[Scored, list[dict], dict]:
-    """Rewards for one rollout of ``records`` → (Scored, sample records, reward metrics)."""
-    tokens, lengths = host_array(rollout.tokens), host_array(rollout.lengths)
-    group_ids, finish_reason = host_array(rollout.group_ids), host_array(rollout.finish_reason)
-    if collector.cfg.sampling.stop_strings:  # cut at multi-token stop strings; the cut tokens leave the loss
-        lengths, finish_reason = cut_at_stop_strings(tokens, lengths, finish_reason, collector.tokenizer,
-                                                     collector.cfg.sampling.stop_strings)
-        rollout = rollout.replace(**{name: put_on_mesh(value.astype(getattr(rollout, name).dtype),
-                                                       getattr(rollout, name).sharding)
-                                     for name, value in (("lengths", lengths), ("finish_reason", finish_reason))})
+def score(collector: Collector, records: list[dict], rollout: Rollout
+          ) -> tuple[Scored, list[dict], dict, list[str]]:
+    """Rewards for one rollout of ``records`` → (Scored, sample records, reward metrics,
+    completion keys [B]).
+
+    This process decodes and scores only the rows of its block of prompts (all of them in a
+    single process); the Scored, the float metrics and the keys then hold every process's
+    rows and are identical everywhere. The sample records are this process's rows. With
+    ``sampling.stop_strings``, rows are cut at the first stop string (``data/stops.py``) and
+    the rollout's lengths and finish reasons follow the cut, so the loss ends there too.
+    """
+    all_lengths, all_group_ids = host_array(rollout.lengths), host_array(rollout.group_ids)
+    all_finish = host_array(rollout.finish_reason)
+    per_prompt = len(all_lengths) // len(records)
+    start, stop = (i * per_prompt for i in process_block(len(records)))
+    tokens = process_rows(rollout.tokens, start, stop)  # [stop - start, T]: this process's rows only
+    lengths, group_ids, finish = all_lengths[start:stop], all_group_ids[start:stop], all_finish[start:stop]
+    stops = collector.cfg.sampling.stop_strings
+    if stops:
+        lengths, finish = cut_at_stop_strings(tokens, lengths, finish, collector.tokenizer, stops)
     row_records = [records[g] for g in group_ids]
     completions = [decode_completion(collector.tokenizer, tokens[i, : lengths[i]]) for i in range(len(row_records))]
     examples = [{**r["example"], "completion_tokens": int(n)} for r, n in zip(row_records, lengths)]
     rewards, components, metrics = collector.rewards.score([r["prompt_text"] for r in row_records], completions,
                                                            examples)
     rewards = np.asarray(rewards, np.float32)
-    correct = (components[CORRECT_COMPONENT] >= collector.cfg.rewards.correct_threshold).astype(np.float32)
-    scored = Scored(rollout=rollout, rewards=rewards, correct=correct, components=components, lengths=lengths,
-                    finish_reason=finish_reason, group_ids=group_ids)
     samples = [{"prompt": r["prompt_text"], "completion": c, "reward": float(x)}
                for r, c, x in zip(row_records, completions, rewards)]
-    return scored, samples, metrics
+    rewards, components, metrics, keys = _share_scores(rewards, components, metrics, completions, len(all_lengths))
+    if stops:  # every process's cut rows, written back to the device rollout
+        cut = np.stack([lengths, finish], axis=1).astype(np.int32)
+        cut = gather_blocks(cut, len(all_lengths)) if jax.process_count() > 1 else cut
+        all_lengths, all_finish = cut[:, 0], cut[:, 1]
+        rollout = rollout.replace(**{name: put_on_mesh(value.astype(getattr(rollout, name).dtype),
+                                                       getattr(rollout, name).sharding)
+                                     for name, value in (("lengths", all_lengths), ("finish_reason", all_finish))})
+    correct = (components[CORRECT_COMPONENT] >= collector.cfg.rewards.correct_threshold).astype(np.float32)
+    scored = Scored(rollout=rollout, rewards=rewards, correct=correct, components=components, lengths=all_lengths,
+                    finish_reason=all_finish, group_ids=all_group_ids)
+    return scored, samples, metrics, keys
+
+
+# Reward counters that combine across processes by max (the rest are sums, or means recomputed).
+_MAX_METRICS = ("reward/score_seconds", "reward/timeouts_enforced")
+
+
+def _share_scores(rewards: np.ndarray, components: dict[str, np.ndarray], metrics: dict, completions: list[str],
+                  num_rows: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict, list[str]]:
+    """This process's rewards [b], components name → [b], reward metrics and completions →
+    every process's: rewards [num_rows], components [num_rows], metrics over all rows (counts
+    summed, means recomputed, times maxed; text entries stay this process's), keys [num_rows].
+
+    One all-gather of an int32 table [b, 1 + C + 2] (float32 scores bit-cast, exact) and one
+    of the float counters; nothing crosses in a single process.
+    """
+    digests = np.array([_completion_digest(text) for text in completions], np.uint32).reshape(-1, 2)
+    if jax.process_count() == 1:
+        return rewards, components, metrics, [_key_text(word) for word in digests]
+    names = list(components)
+    scores = np.stack([rewards] + [components[k] for k in names], axis=1).astype(np.float32)
+    table = gather_blocks(np.concatenate([scores.view(np.int32), digests.view(np.int32)], axis=1), num_rows)
+    scores = np.ascontiguousarray(table[:, : 1 + len(names)]).view(np.float32)
+    digests = np.ascontiguousarray(table[:, 1 + len(names):]).view(np.uint32)
+    keys = [_key_text(word) for word in digests]
+    shared = {k: v for k, v in metrics.items() if not isinstance(v, str)}
+    counters = gather_scalars(np.array(list(shared.values()), np.float32))  # [processes, M]
+    for column, key in enumerate(shared):
+        combine = np.max if key in _MAX_METRICS else np.sum
+        metrics[key] = float(combine(counters[:, column]))
+    rewards = scores[:, 0]
+    components = {k: scores[:, 1 + i] for i, k in enumerate(names)}
+    for name in names:
+        if f"reward/{name}/mean" in metrics:
+            metrics[f"reward/{name}/mean"] = float(components[name].mean()) if num_rows else 0.0
+    if "reward/mean" in metrics:
+        metrics["reward/mean"] = float(rewards.mean()) if num_rows else 0.0
+    return rewards, components, metrics, keys
+
+
+def _key_text(word: np.ndarray) -> str:
+    return "" if not word.any() else f"{word[0]:08x}{word[1]:08x}"
+
+
+def _completion_digest(text: str) -> tuple[int, int]:
+    """(0, 0) for an empty (whitespace-only) completion, else 64 bits of its blake2b digest."""
+    if not text.strip():
+        return 0, 0
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    high, low = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+    return (high, low) if high or low else (0, 1)
 
 
 def _mean_entropy(rollout: Rollout) -> float:
@@ -111,6 +191,7 @@ def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
     totals = {"time/sample": 0.0, "time/reward": 0.0, "generated_tokens": 0.0}
     reward_metrics: dict[str, Any] = {}
     samples: list[dict] = []
+    completion_keys: list[str] = []
     while True:
         key = jax.random.fold_in(step_key, acc.rounds)
         records = next(collector.data)
@@ -120,11 +201,11 @@ def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
         jax.block_until_ready(rollout)
         totals["time/sample"] += time.monotonic() - started
         started = time.monotonic()
-        scored, round_samples, metrics = score(collector, records, rollout)
+        scored, round_samples, metrics, keys = score(collector, records, rollout)
         totals["time/reward"] += time.monotonic() - started
         totals["generated_tokens"] += float(scored.lengths.sum())
-        if not samples:  # the first round's prompts: an unfiltered view of the policy
-            samples = round_samples
+        if not rounds:  # the first round's prompts: an unfiltered view of the policy
+            samples, completion_keys = round_samples, keys
             reward_metrics = {k: v for k, v in metrics.items() if not isinstance(v, str)}
         rounds.append(scored)
         if not dynamic:
@@ -140,10 +221,10 @@ def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
     metrics.update(totals)
     metrics["throughput/sample_tokens_per_s"] = totals["generated_tokens"] / max(totals["time/sample"], 1e-9)
     if not dynamic:
-        return Collected(rounds[0], metrics, samples)
+        return Collected(rounds[0], metrics, samples, completion_keys)
     metrics.update(acc.stats)
     if not acc.groups_kept:
-        return Collected(None, metrics, samples)
+        return Collected(None, metrics, samples, completion_keys)
     handles, rewards, group_ids = acc.result(allow_partial=True)
     offsets = np.cumsum([0] + [len(s.rewards) for s in rounds])
     index = offsets[handles["round"]] + handles["row"]
@@ -151,7 +232,7 @@ def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
     kept = Scored(rollout=_take_rows([s.rollout for s in rounds], index), rewards=rewards, correct=pick("correct"),
                   components={k: np.concatenate([s.components[k] for s in rounds])[index] for k in rounds[0].components},
                   lengths=pick("lengths"), finish_reason=pick("finish_reason"), group_ids=group_ids)
-    return Collected(kept, metrics, samples)
+    return Collected(kept, metrics, samples, completion_keys)
 
 
 def filter_metric(cfg: ml_collections.ConfigDict, scored: Scored) -> np.ndarray:
