@@ -481,16 +481,17 @@ PATHOLOGICAL = [
     ["\\boxed{1}" * 1000 + "x" * 150_000, "Answer: 1\n" * 19_000, "word " * 39_000 + "\\boxed{1}"],
 )
 def test_large_consistent_completions_are_fast(completion):
-    started = time.monotonic()
+    # CPU time of this process: the bound is on the grader's work, whatever else loads the machine.
+    started = time.process_time()
     assert grade(completion, "1") is True
-    assert time.monotonic() - started <= 1.0
+    assert time.process_time() - started <= 1.0
 
 
 @pytest.mark.parametrize("completion,gold", PATHOLOGICAL)
 def test_pathological_inputs_are_fast_and_false(completion, gold):
-    started = time.monotonic()
+    started = time.process_time()
     assert grade(completion, gold) is False
-    assert time.monotonic() - started <= 1.0
+    assert time.process_time() - started <= 1.0
 
 
 def test_sandbox_recovers_after_a_killed_comparison():

@@ -315,6 +315,7 @@ SLOW_PROBES = [
 
 @pytest.mark.parametrize("completion,gold", SLOW_PROBES)
 def test_new_paths_are_bounded(completion, gold):
-    started = time.monotonic()
+    # CPU time of this process: the bound is on the grader's work, whatever else loads the machine.
+    started = time.process_time()
     grade(completion, gold)
-    assert time.monotonic() - started <= 1.0
+    assert time.process_time() - started <= 1.0
