@@ -9,7 +9,10 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+REPO = os.path.dirname(HERE)
+# The scripts import ``tests.*``: the repository root goes on their path.
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+           PYTHONPATH=os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
 GATHER_CASE = {"model": {"model_type": "llama", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 256,
                          "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "remat": "full",
                          "dtype": "bfloat16"},

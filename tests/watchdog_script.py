@@ -56,7 +56,7 @@ def main() -> int:
                 if MODE == "raise" and PID == 1 and step == 2:
                     raise RuntimeError(f"boom at step {step}")
                 state = add(state, np.float32(step))
-                checkpointer.save(step, state, {"step": step})
+                checkpointer.save(step, state, {"step": step, "data_state": {}})  # the loop's meta always has data_state
                 print(f"process {PID} step {step} saved", flush=True)
                 time.sleep(0.3)
             full = jax.jit(lambda s: s, out_shardings=replicated(mesh))(state["x"])

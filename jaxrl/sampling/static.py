@@ -141,6 +141,8 @@ def _generate(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Arra
 def _concrete(x) -> np.ndarray | None:
     """x as numpy when it is a concrete value, None under tracing or when it is a multi-host
     array whose values are partly on other processes' devices (not readable here)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
     if not getattr(x, "is_fully_addressable", True) and not getattr(x, "is_fully_replicated", False):
         return None
     try:
