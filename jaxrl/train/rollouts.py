@@ -108,7 +108,7 @@ def score(collector: Collector, records: list[dict], rollout: Rollout
     rewards, components, metrics, keys = _share_scores(rewards, components, metrics, completions, len(all_lengths))
     if stops:  # every process's cut rows, written back to the device rollout
         cut = np.stack([lengths, finish], axis=1).astype(np.int32)
-        cut = gather_blocks(cut, len(all_lengths)) if jax.process_count() > 1 else cut
+        cut = gather_blocks(cut, len(all_lengths))  # one process: returned as is
         all_lengths, all_finish = cut[:, 0], cut[:, 1]
         rollout = rollout.replace(**{name: put_on_mesh(value.astype(getattr(rollout, name).dtype),
                                                        getattr(rollout, name).sharding)
