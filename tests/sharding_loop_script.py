@@ -1,7 +1,8 @@
 """Subprocess body for test_sharding_loop: 2 RL steps of the loop, metrics printed as JSON.
 
 Usage: python -m tests.sharding_loop_script MODEL_DIR ROOT NAME MAX_ROWS_PER_CALL [PORT PROCESS_ID]
-(XLA_FLAGS decides the device count before jax is imported.) With PORT, the process is one
+(XLA_FLAGS decides the device count before jax is imported; ROLLOUT_STALENESS sets
+``rl.rollout_staleness``, default 0.) With PORT, the process is one
 of two joined by ``jax.distributed`` on localhost (gloo CPU collectives). Process 0 (or the
 single process) writes the final parameters to ROOT/NAME.npz; every process appends the
 prompts its rewarder scored to ROOT/NAME.scored.<process index>, then evaluates the final
@@ -57,6 +58,7 @@ def main(model_dir: str, root: str, name: str, max_rows_per_call: int) -> None:
     # dynamic sampling drops them and draws a second round (a global keep/refill decision).
     cfg.rewards.custom = ("tests.sharding_loop_script:record_prompt=1.0",)
     cfg.rewards.overlong_penalty = False
+    cfg.rl.rollout_staleness = int(os.environ.get("ROLLOUT_STALENESS", "0"))
     result = loop.train(cfg)
     os.environ["SCORED_LOG"] += ".eval"  # the held-out eval's rewarder calls go to another log
     with jax.set_mesh(mesh := wiring.mesh_of(cfg)):  # held-out eval of the final params, on every process

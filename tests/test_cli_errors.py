@@ -16,6 +16,7 @@ import pytest
 from jaxrl import cli
 from jaxrl.config import ConfigError, base_config, config_changes, to_json, validate
 from jaxrl.train import loop
+from jaxrl.train import run_dir as run_dir_io
 from tests.test_train_loop import tiny_config, tiny_model_dir  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +206,7 @@ def test_no_resume_moves_the_old_run_aside(tmp_path):
     run_dir = tmp_path / "runs" / "r"
     os.makedirs(run_dir / "checkpoints" / "18")
     (run_dir / "metrics.jsonl").write_text('{"step": 18}\n')
-    loop._move_old_run_aside(str(run_dir))
+    run_dir_io.move_old_run_aside(str(run_dir))
     assert not run_dir.exists()
     (aside,) = [p for p in os.listdir(tmp_path / "runs") if p.startswith("r.old-")]
     assert os.path.isdir(tmp_path / "runs" / aside / "checkpoints" / "18")

@@ -119,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.measure_logprob_gap = True  # trainer log-prob pass to log the sampler–trainer gap
     c.rl.tis_cap = 0.0  # truncated importance sampling: weight min(π_train/π_sampler, cap); 0 = off
     c.rl.logprob_chunk_size = 128  # positions per chunk of the log-prob/entropy scan
+    # 0: each step samples with the params it updates. 1 (one-step off-policy): step t+1's first
+    # sampling round runs with step t's params while step t updates (overlapped on the devices).
+    c.rl.rollout_staleness = 0
 
     # Every field of jaxrl.rl.losses.LossConfig, with its default (documented there): the
     # loss's defaults live in one place. Sentinels: dual_clip_c None = off; norm_constant

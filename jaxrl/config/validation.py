@@ -41,6 +41,7 @@ _CHOICES = {
     "rl.grpo_scale": GRPO_SCALES,
     "rl.dynamic_sampling_metric": ("acc", "reward"),  # issue 12: the dynamic-sampling filter metric
     "rl.old_logp_source": OLD_LOGP_SOURCES,
+    "rl.rollout_staleness": (0, 1),  # issue 16: one-step off-policy rollouts
     "optim.schedule": SCHEDULES,
     "checkpoint.resume": ("auto", "on", "off"),
     "logging.tensorboard": TOGGLES,
@@ -197,6 +198,9 @@ def _check_combinations(cfg) -> None:
             )
         if cfg.rl.tis_cap:
             raise ConfigError("rl.tis_cap needs rl.old_logp_source='trainer' (it reweights by trainer/sampler)")
+        if cfg.rl.rollout_staleness:
+            raise ConfigError("rl.rollout_staleness=1 needs rl.old_logp_source='trainer': stale sampler "
+                              "log-probs are not the policy being updated")
     if cfg.rewards.overlong_penalty and not 0 < cfg.rewards.overlong_buffer <= cfg.sampling.max_new_tokens:
         raise ConfigError(
             f"rewards.overlong_buffer must be in (0, sampling.max_new_tokens={cfg.sampling.max_new_tokens}], "

@@ -6,6 +6,8 @@ Each checkpoint ``RUN_DIR/checkpoints/<step>/`` holds two items:
   update count), saved with ``StandardSave`` (sharded arrays are written per shard).
 * ``meta``: JSON with the data-iterator state, the loop's counters, the resolved config and
   ``healthy`` (False when written while the policy looked collapsed, see ``train.health``).
+* ``sampler`` (only with ``rl.rollout_staleness=1``): the params the next step samples
+  with (the previous step's); ``meta["sampler_params"]`` is then True.
 
 Saves are asynchronous by default: ``save`` returns after the device→host copy, so the
 next step may donate the state's buffers; the write finishes in the background. orbax
@@ -66,7 +68,7 @@ class Checkpointer:
         self.keep = keep
         self.async_save = async_save
         options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "sampler"))
         self._pending: int | None = None  # started, not yet verified
         self._healthy: dict[int, bool] = {}
 
@@ -78,15 +80,21 @@ class Checkpointer:
         """Every fully written checkpoint step, ascending."""
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: TrainState, meta: dict[str, Any], *, healthy: bool = True) -> None:
-        """Start saving ``state`` + ``meta`` (JSON-serialisable) as checkpoint ``step``.
+    def save(self, step: int, state: TrainState, meta: dict[str, Any], *, healthy: bool = True,
+             sampler_params=None) -> None:
+        """Start saving ``state`` + ``meta`` (JSON-serialisable) + optional ``sampler_params``
+        (a params pytree) as checkpoint ``step``.
 
         The previous save is finished and verified first (CheckpointError if it failed); a
         synchronous checkpointer also verifies this one before returning.
         """
         self.finish()
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  meta=ocp.args.JsonSave({**meta, "healthy": bool(healthy)}))
+        items = {"state": ocp.args.StandardSave(state),
+                 "meta": ocp.args.JsonSave({**meta, "healthy": bool(healthy),
+                                            "sampler_params": sampler_params is not None})}
+        if sampler_params is not None:
+            items["sampler"] = ocp.args.StandardSave(sampler_params)
+        args = ocp.args.Composite(**items)
         try:
             self._manager.save(step, args=args, force=True)
         except Exception as error:
@@ -168,6 +176,16 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)
         return restored["state"], dict(restored["meta"])
+
+    def restore_sampler_params(self, step: int, template):
+        """The ``sampler`` item of checkpoint ``step`` in the shapes, dtypes and shardings of
+        ``template`` (a params pytree); CheckpointError when it does not restore."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(sampler=ocp.args.StandardRestore(abstract)))
+        except Exception as error:
+            raise CheckpointError(f"checkpoint step {step}: sampler params do not restore: {_cause(error)}") from error
+        return restored["sampler"]
 
     def restore_latest(self, template: TrainState, say: Callable[[str], None]
                        ) -> tuple[int, TrainState, dict[str, Any]] | None:

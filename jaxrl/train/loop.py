@@ -15,9 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import signal
-import sys
 import time
 from typing import Any, Sequence
 
@@ -27,12 +24,13 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl import wiring
-from jaxrl.config import ConfigError, config_changes, to_json, validate
+from jaxrl.config import ConfigError, to_json, validate
 from jaxrl.eval.evaluate import evaluate_records, load_eval_records
 from jaxrl.models import model_params, save_pretrained, with_params
 from jaxrl.train import rollouts
 from jaxrl.train import step as train_step
 from jaxrl.train import health
+from jaxrl.train import run_dir as run_dir_io
 from jaxrl.sharding.watchdog import Watchdog
 from jaxrl.train.checkpoint import Checkpointer
 from jaxrl.train.health import RunUnhealthy
@@ -63,45 +61,27 @@ class RunResult:
 
 @dataclasses.dataclass
 class LoopState:
-    """Everything a run carries from step to step; all of it is in the checkpoint.
+    """Everything a run carries from step to step; all of it but ``pending`` is in the checkpoint.
 
     train: params, optimizer state, RL step, RNG key (device). data_state: the prompt
-    iterator's position. consecutive_bad_steps: steps in a row whose update was skipped.
+    iterator's position before ``pending``'s prompts were drawn. consecutive_bad_steps: steps
+    in a row whose update was skipped. sampler_params: with ``rl.rollout_staleness=1``, the
+    params the next step samples with (the previous step's, a copy: updates donate theirs);
+    None = sample with ``train.params``. pending: the next step's first round, already
+    dispatched with ``sampler_params``; not saved, because ``launch`` from ``sampler_params``
+    and ``data_state`` dispatches the same round again on resume.
     """
 
     train: train_step.TrainState
     data_state: dict[str, Any]
     consecutive_bad_steps: int = 0
+    sampler_params: Any = None
+    pending: rollouts.Launched | None = None
 
     def checkpoint_meta(self, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         """The JSON sidecar saved beside ``train``."""
         return {"data_state": self.data_state, "consecutive_bad_steps": self.consecutive_bad_steps,
                 "config": json.loads(to_json(cfg))}
-
-
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag checked between steps (restores handlers on exit)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclasses.dataclass
@@ -127,56 +107,6 @@ class Run:
         self.collector.rewards.close()
 
 
-def _note(text: str) -> None:
-    """A start-up line for the user (process 0, stderr), before the logger exists."""
-    if jax.process_index() == 0:
-        print(text, file=sys.stderr, flush=True)
-
-
-def _has_checkpoints(run_dir: str) -> bool:
-    directory = os.path.join(run_dir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-
-
-def _move_old_run_aside(run_dir: str) -> None:
-    """checkpoint.resume='off': a previous run in ``run_dir`` is renamed to ``<run_dir>.old-<time>``
-    so that it can never be resumed by accident (nothing is deleted)."""
-    if not os.path.isdir(run_dir) or not os.listdir(run_dir) or jax.process_index() != 0:
-        return
-    aside = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    suffix = 0
-    while os.path.exists(aside + (f"-{suffix}" if suffix else "")):
-        suffix += 1
-    aside += f"-{suffix}" if suffix else ""
-    os.rename(run_dir, aside)
-    _note(f"checkpoint.resume='off': moved the previous run to {aside}")
-
-
-def _check_resume_config(cfg: ml_collections.ConfigDict, run_dir: str, allow: Sequence[str]) -> None:
-    """Refuse to resume ``run_dir`` under a config that changes the experiment, unless every
-    changed key is in ``allow``; allowed changes are appended to RUN_DIR/config_history.jsonl."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as handle:
-            stored = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path}: stored config unreadable ({error}); resume refused (use --no-resume)") from None
-    changes = config_changes(stored, cfg)
-    refused = [key for key in changes if key not in allow]
-    if refused:
-        detail = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
-        raise ConfigError(f"resuming {run_dir} with a changed config ({detail}); pass --allow-config-change "
-                          f"{','.join(refused)} to accept, or start a new run.name / --no-resume")
-    if changes and jax.process_index() == 0:
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}
-        with open(os.path.join(run_dir, "config_history.jsonl"), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        _note(f"resuming with config changes: {', '.join(changes)} (recorded in config_history.jsonl)")
-
-
 def start(cfg: ml_collections.ConfigDict, allow_config_change: Sequence[str] = ()
           ) -> tuple[Run, LoopState, int | None]:
     """Components + the initial (or resumed) loop state + the step resumed from (or None).
@@ -186,9 +116,9 @@ def start(cfg: ml_collections.ConfigDict, allow_config_change: Sequence[str] = (
     run_dir = wiring.run_dir_of(cfg)
     resume = cfg.checkpoint.resume
     if resume == "off":
-        _move_old_run_aside(run_dir)
-    elif _has_checkpoints(run_dir):
-        _check_resume_config(cfg, run_dir, allow_config_change)
+        run_dir_io.move_old_run_aside(run_dir)
+    elif run_dir_io.has_checkpoints(run_dir):
+        run_dir_io.check_resume_config(cfg, run_dir, allow_config_change)
     elif resume == "on":
         raise ConfigError(f"checkpoint.resume='on' but {os.path.join(run_dir, 'checkpoints')} has no checkpoint")
     os.makedirs(run_dir, exist_ok=True)
@@ -229,7 +159,11 @@ def start(cfg: ml_collections.ConfigDict, allow_config_change: Sequence[str] = (
     if resume == "off":
         return run, loop_state, None
     try:
-        found = run.checkpointer.restore_latest(state, _note)
+        found = run.checkpointer.restore_latest(state, run_dir_io.note)
+        if found is not None and cfg.rl.rollout_staleness and found[2].get("sampler_params"):
+            sampler_params = run.checkpointer.restore_sampler_params(found[0], state.params)
+        else:  # none saved (a staleness-0 checkpoint): the next step samples with the restored params
+            sampler_params = None
     except BaseException:
         run.close()
         raise
@@ -237,18 +171,30 @@ def start(cfg: ml_collections.ConfigDict, allow_config_change: Sequence[str] = (
         return run, loop_state, None
     step, restored, meta = found
     data.set_state(meta["data_state"])
-    return run, LoopState(restored, meta["data_state"], int(meta["consecutive_bad_steps"])), step
+    return run, LoopState(restored, meta["data_state"], int(meta["consecutive_bad_steps"]), sampler_params), step
 
 
-def run_step(run: Run, loop_state: LoopState, logger: MetricsLogger
+def run_step(run: Run, loop_state: LoopState, logger: MetricsLogger, *, launch_next: bool = True
              ) -> tuple[LoopState, StepMetrics, rollouts.Collected]:
     """One RL step: collect → train batch → optimise → advance step and RNG; also returns what
-    was collected (samples, completion keys for the health check)."""
+    was collected (samples, completion keys for the health check).
+
+    With ``rl.rollout_staleness=1`` the rollouts come from ``loop_state.sampler_params`` (the
+    previous step's params) and, when ``launch_next``, the next step's first sampling round
+    is dispatched with this step's params before this step's update, so they overlap.
+    """
     state = loop_state.train
     step_number = int(state.step) + 1
     rng, step_key = jax.random.split(state.rng)
-    collected = rollouts.collect(run.collector, state.params, step_key)
+    sampler_params = state.params if loop_state.sampler_params is None else loop_state.sampler_params
+    collected = rollouts.collect(run.collector, sampler_params, step_key, first=loop_state.pending)
+    data_state, next_sampler, pending = run.collector.data.get_state(), None, None
+    if run.cfg.rl.rollout_staleness:
+        next_sampler = jax.tree.map(jnp.copy, state.params)  # the update below donates state.params
+        if launch_next:  # the next step's key, as that step will split it from ``rng``
+            pending = rollouts.launch(run.collector, next_sampler, jax.random.split(rng)[1])
     metrics = dict(collected.metrics)
+    metrics["rollout/policy_lag"] = float(loop_state.sampler_params is not None)
     metrics["rows_trained"] = 0.0
     if collected.scored is not None:
         batch, truncated, real = rollouts.make_train_batch(run.collector, run.algorithm.advantages, run.build_batch,
@@ -261,7 +207,8 @@ def run_step(run: Run, loop_state: LoopState, logger: MetricsLogger
         logger.message(f"step {step_number}: no group with reward variance; no update")
     state = state.replace(step=jax.device_put(state.step + 1, run.replicated), rng=jax.device_put(rng, run.replicated))
     bad = metrics["update_skipped"] > 0
-    loop_state = LoopState(state, run.collector.data.get_state(), loop_state.consecutive_bad_steps + 1 if bad else 0)
+    loop_state = LoopState(state, data_state, loop_state.consecutive_bad_steps + 1 if bad else 0, next_sampler,
+                           pending)
     metrics["lr"] = float(run.lr_schedule(step_number - 1))
     metrics["data/rows_malformed"] = float(run.collector.data.stats.rows_malformed)
     metrics.update({f"data/skipped/{reason}": float(n) for reason, n in run.collector.data.stats.skipped.items()})
@@ -313,8 +260,9 @@ def _check_health(run: Run, loop_state: LoopState, tracker: health.HealthTracker
     completion_keys: every process's completions as keys (equal on every process, so all
     processes decide alike; see ``rollouts.Collected``)."""
     reasons = health.collapse_reasons(completion_keys, metrics)
-    if reasons:  # these rollouts came from the state saved after the previous step
-        run.checkpointer.mark_unhealthy(step_number - 1)
+    if reasons:  # these rollouts came from the params saved after step t-1 (t-2 under staleness 1)
+        for step in range(step_number - 1 - run.cfg.rl.rollout_staleness, step_number):
+            run.checkpointer.mark_unhealthy(step)
     stop = tracker.observe(reasons)
     metrics["health/collapsed_steps"] = float(tracker.collapsed_steps)
     problem = None
@@ -327,12 +275,6 @@ def _check_health(run: Run, loop_state: LoopState, tracker: health.HealthTracker
         healthy = run.checkpointer.quarantine_unhealthy()
         kept = f"newest healthy checkpoint: step {healthy}" if healthy is not None else "no healthy checkpoint"
         raise RunUnhealthy(f"{problem}; {kept} (later ones moved to checkpoints_unhealthy/)")
-
-
-def _remove_new_run_dir(run_dir: str, existed: bool) -> None:
-    """A start-up that failed leaves no run directory behind that it created itself."""
-    if not existed and jax.process_index() == 0:
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None,
@@ -359,14 +301,14 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None,
     except BaseException:
         if run is not None:
             run.close()
-        _remove_new_run_dir(wiring.run_dir_of(cfg), existed)
+        run_dir_io.remove_new_run_dir(wiring.run_dir_of(cfg), existed)
         raise
     history: list[dict[str, Any]] = []
     stop_reason = "completed"
     last_saved = resumed_from
     checkpoint_time = 0.0
     tracker = health.HealthTracker(limit=cfg.train.max_bad_steps)
-    stop = _StopSignal()
+    stop = run_dir_io.StopSignal()
     try:
         # Under the mesh, the layer scan pins activation rows to data/fsdp (models.sharding.constrain).
         with stop, jax.set_mesh(run.mesh):
@@ -377,7 +319,10 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None,
                 if watchdog is not None:  # raises PeerFailure when another process failed
                     watchdog.check(int(loop_state.train.step) + 1)
                 step_started = time.monotonic()
-                loop_state, step_metrics, collected = run_step(run, loop_state, logger)
+                last = int(loop_state.train.step) + 1 >= cfg.train.num_steps or (
+                    max_steps is not None and len(history) + 1 >= max_steps)
+                loop_state, step_metrics, collected = run_step(run, loop_state, logger,
+                                                               launch_next=not last and stop.received is None)
                 samples = collected.samples
                 step_number, metrics = step_metrics.step, step_metrics.values
                 bad = metrics["update_skipped"] > 0
@@ -403,7 +348,7 @@ def train(cfg: ml_collections.ConfigDict, *, max_steps: int | None = None,
                 if not bad and (step_number % cfg.checkpoint.every_steps == 0 or final or stop.received):
                     started = time.monotonic()
                     run.checkpointer.save(step_number, loop_state.train, loop_state.checkpoint_meta(cfg),
-                                          healthy=tracker.healthy)
+                                          healthy=tracker.healthy, sampler_params=loop_state.sampler_params)
                     checkpoint_time = time.monotonic() - started
                     last_saved = step_number
                 if loop_state.consecutive_bad_steps >= cfg.train.max_bad_steps:

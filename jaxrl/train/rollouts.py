@@ -181,9 +181,35 @@ def _take_rows(rollouts: list[Rollout], index: np.ndarray) -> Rollout:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs)[index], *rollouts)
 
 
-def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
-    """Sampling rounds until the train batch is full (dynamic sampling) → kept rows + metrics."""
-    cfg, n = collector.cfg, collector.samples_per_prompt
+@dataclasses.dataclass(frozen=True)
+class Launched:
+    """A step's first sampling round, dispatched and not yet waited for: the prompt records
+    drawn for it and its device rollout (JAX dispatch is asynchronous, so the sampler may
+    still be running while the caller dispatches other work, e.g. the previous step's update)."""
+
+    records: list[dict]
+    rollout: Rollout
+
+
+def launch(collector: Collector, params, step_key: jax.Array, round_index: int = 0) -> Launched:
+    """Draw the next P prompts and dispatch sampling round ``round_index`` of the step keyed
+    ``step_key`` with ``params`` (key ``fold_in(step_key, round_index)``), without waiting."""
+    records = next(collector.data)
+    prompt_tokens, prompt_lengths = left_pad_prompts(records, collector.cfg.data.max_prompt_tokens,
+                                                     collector.backend.pad_id)
+    rollout = collector.backend.generate(params, prompt_tokens, prompt_lengths, collector.samples_per_prompt,
+                                         jax.random.fold_in(step_key, round_index))
+    return Launched(records, rollout)
+
+
+def collect(collector: Collector, params, step_key: jax.Array, first: Launched | None = None) -> Collected:
+    """Sampling rounds until the train batch is full (dynamic sampling) → kept rows + metrics.
+
+    first: round 0 already dispatched by ``launch`` (same key; its params are the caller's
+    business); later rounds sample with ``params``. ``time/sample`` counts the time spent
+    waiting for the sampler, so a round that finished while other work ran costs ~0.
+    """
+    cfg = collector.cfg
     dynamic = cfg.rl.dynamic_sampling
     acc = DynamicSamplingAccumulator(target_groups=collector.prompts_per_step,
                                      max_rounds=cfg.rl.max_sampling_rounds if dynamic else 1)
@@ -193,12 +219,9 @@ def collect(collector: Collector, params, step_key: jax.Array) -> Collected:
     samples: list[dict] = []
     completion_keys: list[str] = []
     while True:
-        key = jax.random.fold_in(step_key, acc.rounds)
-        records = next(collector.data)
-        prompt_tokens, prompt_lengths = left_pad_prompts(records, cfg.data.max_prompt_tokens, collector.backend.pad_id)
         started = time.monotonic()
-        rollout = collector.backend.generate(params, prompt_tokens, prompt_lengths, n, key)
-        jax.block_until_ready(rollout)
+        launched = first if first is not None and not rounds else launch(collector, params, step_key, acc.rounds)
+        records, rollout = launched.records, jax.block_until_ready(launched.rollout)
         totals["time/sample"] += time.monotonic() - started
         started = time.monotonic()
         scored, round_samples, metrics, keys = score(collector, records, rollout)
