@@ -191,8 +191,9 @@ def cmd_sample(args, overrides) -> int:
         cfg.data.max_prompt_tokens = max(len(ids), 1)
         cfg.sampling.max_new_tokens = args.max_new_tokens
         backend = wiring.rollout_backend(cfg, policy.model_cfg, mesh, temperature=args.temperature, top_p=args.top_p)
-        rollout = backend.generate(model_params(policy.model), np.asarray([ids], np.int32),
-                                   np.asarray([len(ids)], np.int32), args.n, jax.random.PRNGKey(args.seed))
+        rollout = backend.wait(backend.generate(model_params(policy.model), np.asarray([ids], np.int32),
+                                                np.asarray([len(ids)], np.int32), args.n,
+                                                jax.random.PRNGKey(args.seed)))
         tokens, lengths = host_array(rollout.tokens), host_array(rollout.lengths)
     if jax.process_index() == 0:
         for i in range(args.n):

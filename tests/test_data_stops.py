@@ -126,6 +126,9 @@ class _FixedBackend:
         rows = [row for row in self.rows for _ in range(n)]
         return _rollout(rows, [FINISH_LENGTH] * len(rows))
 
+    def wait(self, rollout):
+        return rollout
+
 
 def test_eval_cuts_at_stop_strings(tokenizer, monkeypatch):
     cfg = base_config()

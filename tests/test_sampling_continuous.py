@@ -188,3 +188,24 @@ def test_pallas_paged_kernel_in_the_engine_matches_reference(params, backends):
                           max_rows_per_call=3)
     _assert_same(_arrays(kernel.generate(params, tokens, lengths, N_SAMPLES, key)),
                  _arrays(backends[0].generate(params, tokens, lengths, N_SAMPLES, key)))
+
+
+def test_a_failed_schedule_is_raised_by_wait_not_hidden(params, monkeypatch):
+    """``generate`` returns without waiting for the device; ``wait`` (what the loop, eval and
+    ``jaxrl sample`` call) then checks the schedule: a row that never finished raises."""
+    backend = make_backend("continuous", MODEL, SAMPLING, None, max_rows_per_call=3)
+    tokens, lengths = _prompts(2, num=2)
+    ok = backend.wait(backend.generate(params, tokens, lengths, N_SAMPLES, jax.random.key(0)))
+    assert int(np.asarray(ok.lengths).min()) >= 1
+    real = continuous.rollout
+
+    def one_row_short(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return dict(out, rows_done=out["rows_done"] - 1)
+
+    monkeypatch.setattr(continuous, "rollout", one_row_short)
+    rollout = backend.generate(params, tokens, lengths, N_SAMPLES, jax.random.key(0))  # no check yet
+    with pytest.raises(RuntimeError, match="continuous backend: scheduling failed"):
+        backend.wait(rollout)
+    with pytest.raises(RuntimeError, match="scheduling failed"):
+        backend.last_stats

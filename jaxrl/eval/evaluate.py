@@ -97,7 +97,7 @@ def _generate(params, model_cfg, tokenizer, records, n: int, cfg, key, mesh, tem
     backend = wiring.rollout_backend(cfg, model_cfg, mesh, max_rows_per_call=cfg.eval.batch_prompts * n,
                                      compute_entropy=False)
     tokens, lengths = left_pad_prompts(records, cfg.data.max_prompt_tokens, backend.pad_id)
-    rollout = backend.generate(params, tokens, lengths, n, key, temperature=temperature, top_p=top_p)
+    rollout = backend.wait(backend.generate(params, tokens, lengths, n, key, temperature=temperature, top_p=top_p))
     out_tokens, out_lengths = host_array(rollout.tokens), host_array(rollout.lengths)
     out_lengths, _ = cut_at_stop_strings(out_tokens, out_lengths, host_array(rollout.finish_reason), tokenizer,
                                          cfg.sampling.stop_strings)

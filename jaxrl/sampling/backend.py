@@ -54,6 +54,11 @@ class RolloutBackend(Protocol):
         """Hand the backend new policy parameters (a no-op for backends given params per call)."""
         ...
 
+    def wait(self, rollout: Rollout) -> Rollout:
+        """Block until ``rollout`` (from this backend's ``generate``, which may return before
+        the device is done) is computed and run the backend's own checks; returns it."""
+        ...
+
 
 BackendFactory = Callable[..., RolloutBackend]
 _BACKENDS: dict[str, BackendFactory] = {}
@@ -105,6 +110,10 @@ class StaticBackend:
 
     def update_params(self, params) -> None:
         """No-op: this backend is handed the parameters at each ``generate``."""
+
+    def wait(self, rollout: Rollout) -> Rollout:
+        """Block until ``rollout`` is computed (this backend has no checks of its own)."""
+        return jax.block_until_ready(rollout)
 
     def _place(self, array: np.ndarray, logical: tuple[str | None, ...]):
         """A host prompt array laid out on the mesh by ``logical`` (as is without a mesh)."""

@@ -252,6 +252,10 @@ class ContinuousBackend:
     prefill step (a multiple of page_size; default min(64, prompt pages)); pages: pool pages per
     layer (default: the worst case for S rows, so admission never waits on memory). After each
     ``generate``, ``last_stats`` holds iterations, peak/pool pages and their KV bytes.
+
+    ``generate`` returns without waiting for the device (so the loop can dispatch an update
+    while it runs); the schedule is checked (every row finished, every page freed) by ``wait``
+    and by ``last_stats``, which raise RuntimeError when it failed.
     """
 
     def __init__(self, model_cfg: ModelConfig, sampling_cfg: SamplingConfig, mesh, *,
@@ -268,7 +272,33 @@ class ContinuousBackend:
             raise ValueError(f"continuous backend: need slots >= 1 and prefill_chunk a positive multiple "
                              f"of page_size, got slots={self.slots}, page_size={page_size}, prefill_chunk={chunk}")
         self.page_size, self.prefill_chunk, self.pages = page_size, chunk, pages
-        self.last_stats: dict[str, int] = {}
+        self._unchecked: dict[int, tuple] = {}  # id(rollout.tokens) -> (device stats, rows, plan)
+        self._last: tuple | None = None
+
+    def _checked_stats(self, unchecked: tuple) -> dict[str, int]:
+        stats, num_rows, plan = unchecked
+        stats = {k: int(v) for k, v in jax.device_get(stats).items()}
+        if stats["rows_done"] != num_rows or stats["free_pages"] != plan.pages - 1:
+            raise RuntimeError(f"continuous backend: scheduling failed ({stats}, {num_rows} rows, "
+                               f"{plan.pages - 1} pages)")
+        return dict(stats, pool_pages=plan.pages,
+                    peak_kv_bytes=pc.pool_bytes(self.model_cfg, stats["peak_pages"], plan.page_size),
+                    pool_kv_bytes=pc.pool_bytes(self.model_cfg, plan.pages, plan.page_size))
+
+    @property
+    def last_stats(self) -> dict[str, int]:
+        """The last ``generate``'s iterations, rows done, peak/free/pool pages and KV bytes
+        (waits for it; RuntimeError if its schedule failed); {} before the first call."""
+        return {} if self._last is None else self._checked_stats(self._last)
+
+    def wait(self, rollout: Rollout) -> Rollout:
+        """Block until ``rollout`` (from this backend's ``generate``) is computed and check its
+        schedule (RuntimeError if a row did not finish or a page leaked); returns it."""
+        unchecked = self._unchecked.pop(id(rollout.tokens), None)
+        jax.block_until_ready(rollout)
+        if unchecked is not None:
+            self._checked_stats(unchecked)
+        return rollout
 
     def update_params(self, params) -> None:
         """No-op: this backend is handed the parameters at each ``generate``."""
@@ -322,21 +352,19 @@ class ContinuousBackend:
                       per_row("temperature", cfg.temperature if temperature is None else temperature, np.float32),
                       per_row("top_k", cfg.top_k, np.int32), per_row("top_p", cfg.top_p if top_p is None else top_p, np.float32),
                       plan=plan)
-        stats = {k: int(v) for k, v in jax.device_get({k: out[k] for k in ("rows_done", "iterations", "peak_pages", "free_pages")}).items()}
-        if stats["rows_done"] != num_prompts * n or stats["free_pages"] != plan.pages - 1:
-            raise RuntimeError(f"continuous backend: scheduling failed ({stats}, {num_prompts * n} rows, "
-                               f"{plan.pages - 1} pages)")
-        self.last_stats = dict(stats, pool_pages=plan.pages,
-                               peak_kv_bytes=pc.pool_bytes(self.model_cfg, stats["peak_pages"], plan.page_size),
-                               pool_kv_bytes=pc.pool_bytes(self.model_cfg, plan.pages, plan.page_size))
         num_rows, p_b = num_prompts * n, bucket_size(width, cfg.min_prompt_bucket)
+        self._last = ({k: out[k] for k in ("rows_done", "iterations", "peak_pages", "free_pages")}, num_rows, plan)
         prompts_out = np.full((num_prompts, p_b), self.pad_id, np.int32)
         for i, length in enumerate(lengths_in):
             prompts_out[i, p_b - length:] = tokens_in[i, width - length:]
-        return Rollout(
+        result = Rollout(
             prompt_tokens=jnp.asarray(np.repeat(prompts_out, n, axis=0)),
             prompt_lengths=jnp.asarray(np.repeat(lengths_in, n)),
             tokens=out["tokens"][:num_rows], logprobs=out["logprobs"][:num_rows],
             entropies=out["entropies"][:num_rows], lengths=out["lengths"][:num_rows],
             finish_reason=out["finish"][:num_rows], group_ids=jnp.arange(num_rows, dtype=jnp.int32) // n,
         )
+        if len(self._unchecked) >= 16:  # rollouts never waited for: keep the newest checks only
+            self._unchecked.pop(next(iter(self._unchecked)))
+        self._unchecked[id(result.tokens)] = self._last
+        return result

@@ -221,7 +221,7 @@ def collect(collector: Collector, params, step_key: jax.Array, first: Launched |
     while True:
         started = time.monotonic()
         launched = first if first is not None and not rounds else launch(collector, params, step_key, acc.rounds)
-        records, rollout = launched.records, jax.block_until_ready(launched.rollout)
+        records, rollout = launched.records, collector.backend.wait(launched.rollout)
         totals["time/sample"] += time.monotonic() - started
         started = time.monotonic()
         scored, round_samples, metrics, keys = score(collector, records, rollout)
