@@ -23,6 +23,7 @@ import sharding_common as common  # noqa: E402
 from jaxrl.models.hf_io import from_pretrained, save_pretrained  # noqa: E402
 from jaxrl.models.transformer import Transformer, init_params, model_params  # noqa: E402
 from jaxrl.rl.token_masks import forking_token_mask  # noqa: E402
+from jaxrl.sampling.continuous import ContinuousBackend  # noqa: E402
 from jaxrl.sampling.engine import SamplingConfig, generate_from_params  # noqa: E402
 from jaxrl.sharding.mesh import make_mesh, replicated, reshard  # noqa: E402
 from jaxrl.sharding.rules import (kv_cache_shardings, named_sharding, param_shardings,  # noqa: E402
@@ -91,6 +92,11 @@ def _run_on(mesh, params_host, batch_host, entropy_host, valid_host):
                                 min_new_tokens_bucket=8, impl="reference")
     engine_tokens = generate_from_params(params, common.TINY, prompts, lengths, 1, engine_cfg,
                                          jax.random.key(0)).tokens
+    # The continuous backend (paged KV) on the same sharded params: it runs replicated over
+    # the batch axes (no data-parallel slots yet) and must give the same greedy tokens.
+    continuous = ContinuousBackend(common.TINY, engine_cfg, mesh, slots=4, page_size=8)
+    continuous_tokens = continuous.wait(continuous.generate(
+        params, prompts_host, np.full(prompts_host.shape[0], common.PROMPT_LEN, np.int32), 1, jax.random.key(0))).tokens
 
     ent_sh = named_sharding("tokens", mesh, entropy_host.shape)
     mask_fn = jax.jit(functools.partial(forking_token_mask, rho=0.2, mode="top"),
@@ -102,6 +108,7 @@ def _run_on(mesh, params_host, batch_host, entropy_host, valid_host):
         "loss_threshold": float(metrics["entropy_threshold"]),
         "grads": jax.device_get(grads), "greedy": np.asarray(greedy),
         "engine_greedy": np.asarray(engine_tokens),
+        "continuous_greedy": np.asarray(continuous_tokens),
         "mask_threshold_bits": int(np.float32(threshold).view(np.uint32)),
         "mask": np.asarray(select),
         "shard_shapes": {name: list(_leaf(params, path).addressable_shards[0].data.shape)
@@ -168,6 +175,7 @@ def main():
             "loss_threshold_diff": abs(got["loss_threshold"] - reference["loss_threshold"]),
             "greedy_equal": bool(np.array_equal(got["greedy"], reference["greedy"])),
             "engine_greedy_equal": bool(np.array_equal(got["engine_greedy"], reference["engine_greedy"])),
+            "continuous_greedy_equal": bool(np.array_equal(got["continuous_greedy"], reference["engine_greedy"])),
             "mask_threshold_bits": got["mask_threshold_bits"],
             "mask_equal": bool(np.array_equal(got["mask"], reference["mask"])),
             "shard_shapes": got["shard_shapes"],

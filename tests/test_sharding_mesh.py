@@ -100,6 +100,7 @@ def test_meshes_match_single_device(eight_device_results, shape):
     assert got["loss_threshold_diff"] < TOL
     assert got["greedy_equal"]
     assert got["engine_greedy_equal"]  # jaxrl.sampling.engine, T = 0, on the sharded params
+    assert got["continuous_greedy_equal"]  # the paged continuous backend, replicated over the mesh
     assert got["num_shards"] == 8
 
 
