@@ -43,6 +43,7 @@ from typing import Any
 
 import jax
 
+from jaxrl.data.token_budget import bucket_shapes
 from jaxrl.kernels.flash_attention import ATTENTION_IMPLS, DEFAULT_BLOCK, resolve_impl
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.sharding import logical_to_spec, param_logical_axes, param_shapes, shard_shape
@@ -59,6 +60,9 @@ class PlanSettings:
 
     mesh: (data, fsdp, tensor); -1 = the rest of the devices.
     micro_batch_rows: rows per gradient micro-batch (all devices together).
+    micro_batch_tokens: ``rl.micro_batch_tokens``; > 0 = token-budget micro-batches, whose
+      activations are the largest over their shapes (``jaxrl.data.token_budget``), and
+      ``micro_batch_rows`` is not used.
     mini_batch_rows: rows per optimizer update; more than ``micro_batch_rows`` means gradient
       accumulation (a second parameter-sized gradient tree). None = equal (no accumulation).
     prompt_len / response_len: padded P and T; training sequences are P + T long.
@@ -80,6 +84,7 @@ class PlanSettings:
     dtype: str = "bfloat16"
     remat: str = "full"
     micro_batch_rows: int = 8
+    micro_batch_tokens: int = 0
     mini_batch_rows: int | None = None
     prompt_len: int = 1024
     response_len: int = 4096
@@ -204,8 +209,22 @@ def activation_bytes(cfg: ModelConfig, settings: PlanSettings, sizes: dict[str, 
                      impl: str = "xla") -> dict[str, int]:
     """Per-device activation bytes of one micro-batch's forward + backward (see module doc).
 
-    impl: the concrete attention implementation (``attention_impl``), not ``auto``.
+    impl: the concrete attention implementation (``attention_impl``), not ``auto``. With
+    ``micro_batch_tokens`` each term is its largest over the token-budget micro-batch shapes
+    (rows(w) rows of P + w positions; the narrowest has the most rows, so the most logits).
     """
+    if not settings.micro_batch_tokens:
+        return _micro_batch_activation_bytes(cfg, settings, sizes, impl)
+    shapes = bucket_shapes(settings.micro_batch_tokens, settings.prompt_len, settings.response_len,
+                           row_multiple=sizes["data"] * sizes["fsdp"], max_rows=settings.mini_batch_rows)
+    each = [_micro_batch_activation_bytes(cfg, dataclasses.replace(settings, micro_batch_rows=rows, response_len=width,
+                                                                     micro_batch_tokens=0), sizes, impl)
+            for width, rows in shapes]
+    return {name: max(terms[name] for terms in each) for name in each[0]}
+
+
+def _micro_batch_activation_bytes(cfg: ModelConfig, settings: PlanSettings, sizes: dict[str, int],
+                                  impl: str) -> dict[str, int]:
     c = _DTYPE_BYTES[settings.dtype]
     t = sizes["tensor"]
     b = _rows_per_device(settings.micro_batch_rows, sizes)
@@ -270,7 +289,8 @@ def estimate(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware)
         comps["sampling_params_copy"] = sampling_elems * _DTYPE_BYTES[sampling_dtype]
     persistent = sum(comps.values())
 
-    accumulating = (settings.mini_batch_rows or settings.micro_batch_rows) > settings.micro_batch_rows
+    accumulating = ((settings.mini_batch_rows or settings.micro_batch_rows) > settings.micro_batch_rows
+                    or settings.micro_batch_tokens > 0)  # the budget loop always carries a gradient sum
     comps["gradients"] = (2 if accumulating else 1) * param_elems * p
     comps["update_temporaries"] = int(_UPDATE_TEMP_TREES * param_elems * p)
     # gather_layer gathers one layer's weights inside the scan (in the param dtype, then cast)
