@@ -11,14 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrl.config import ConfigError, base_config, validate
+from jaxrl.config import ConfigError, base_config, loss_config, validate
 from jaxrl.data import token_budget as tb
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import init_params
 from jaxrl.plan.memory import PlanSettings, activation_bytes
 from jaxrl.rl.losses import LossConfig, policy_loss, select_tokens
 from jaxrl.train import budget_step
+from jaxrl.train import optimise as train_optimise
 from jaxrl.train import step as train_step
 from jaxrl.types import TrainBatch
 
@@ -230,6 +232,34 @@ def test_logprob_pass_matches_the_full_batch_forward():
         got, want = np.asarray(got), np.asarray(want)
         np.testing.assert_allclose(got[response], want[response], rtol=1e-5, atol=1e-5)
         assert np.all(got[~response] == 0.0)
+
+
+def test_optimise_with_a_token_budget_matches_fixed_micro_batches():
+    """Through ``make_updater`` / ``optimise`` (config key, row shards of the row sharding):
+    trainer log-prob pass → step-start forking selection → 2 updates, fixed vs budget. The
+    selection threshold, the gap metrics and every update's loss agree."""
+    outs = []
+    for tokens in (0, BUDGET):
+        cfg = base_config()
+        cfg.rl.prompts_per_step, cfg.rl.mini_batch_prompts, cfg.rl.samples_per_prompt = 2, 1, 4
+        cfg.rl.micro_batch_rows, cfg.rl.micro_batch_tokens, cfg.rl.logprob_chunk_size = 2, tokens, 4
+        for key, value in dict(token_mask="top", entropy_rho=0.3, aggregation="seq-mean-token-mean").items():
+            cfg.rl.loss[key] = value
+        model_cfg = tiny_model_config()
+        optimizer = optax.sgd(1e-2)
+        state = train_step.init_train_state(init_params(model_cfg, jax.random.PRNGKey(0)), optimizer, seed=0)
+        mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        updater = train_optimise.make_updater(cfg, model_cfg, loss_config(cfg), optimizer,
+                                              jax.tree.map(lambda _: replicated, state),
+                                              NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), replicated)
+        state, metrics = train_optimise.optimise(updater, state, ragged_batch(seed=3), jnp.zeros(8, bool))
+        outs.append((jax.tree.map(np.asarray, state.params), metrics))
+    (params_fixed, fixed), (params_budget, budget) = outs
+    for name in ("loss", "grad_norm", "entropy_threshold", "logprob_gap/abs_mean", "selected_fraction", "tokens"):
+        np.testing.assert_allclose(budget[name], fixed[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for a, b in zip(jax.tree.leaves(params_fixed), jax.tree.leaves(params_budget)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ mesh

@@ -4,9 +4,9 @@ The grouping is ``jaxrl.data.token_budget``: rows sorted longest first; each mic
 the next ``rows(w)`` rows trimmed to P + w positions, w the narrowest of K fixed widths that
 holds its first row. One ``lax.while_loop`` walks the sorted rows and a ``lax.switch`` picks
 the shape, so the compiled program has K static micro-batch shapes and no shape depends on
-the data. Causal attention makes positions < P + w independent of the
-positions cut off, so trimming changes no kept value; the gradient is still the sum of the
-micro-batch gradients with the normalisers of the whole mini-batch (``jaxrl.train.step``).
+the data. Causal attention makes positions < P + w independent of the positions cut off, so
+trimming changes no kept value; the gradient is still the sum of the micro-batch gradients
+with the normalisers of the whole mini-batch (``jaxrl.train.step``).
 
 Shapes: M rows, P prompt positions, T response positions, w a bucket width, r its rows.
 """
