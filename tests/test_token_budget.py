@@ -17,6 +17,7 @@ from jaxrl.config import ConfigError, base_config, loss_config, validate
 from jaxrl.data import token_budget as tb
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import init_params
+from jaxrl.plan import KNOWN_MODELS, parse_hardware, plan
 from jaxrl.plan.memory import PlanSettings, activation_bytes
 from jaxrl.rl.losses import LossConfig, policy_loss, select_tokens
 from jaxrl.train import budget_step
@@ -315,3 +316,16 @@ def test_planner_follows_the_token_budget():
     rows_ignored = activation_bytes(model, PlanSettings(**{**budget.__dict__, "micro_batch_rows": 2}), sizes,
                                     "blocked")
     assert rows_ignored == a_budget
+
+
+def test_planner_advice_turns_the_token_budget_not_the_rows():
+    """When the budget does not fit, the advice lowers rl.micro_batch_tokens (in whole
+    full-width rows per row shard); rl.micro_batch_rows would change nothing."""
+    settings = PlanSettings(mesh=(1, -1, 1), remat="full", micro_batch_rows=8, micro_batch_tokens=256 * 5120,
+                            mini_batch_rows=256, prompt_len=1024, response_len=4096, sampling_rows=64)
+    result = plan(KNOWN_MODELS["qwen3-8b"], settings, parse_hardware("h100x8"))
+    assert not result.fits
+    assert result.advice[0].startswith("turn first: rl.micro_batch_tokens=")
+    tokens = int(result.advice[0].split("=")[1])
+    assert tokens < 256 * 5120 and tokens % (8 * 5120) == 0
+    assert result.advice[-1].endswith("(fits)")
