@@ -104,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.samples_per_prompt = 8  # n: responses per prompt (group size)
     c.rl.mini_batch_prompts = 4  # prompts per optimizer update (P / this updates per epoch)
     c.rl.micro_batch_rows = 16  # rows per gradient-accumulation micro-batch
+    # > 0: micro-batches by a token budget instead (rows x own width <= this; docs/design.md §1)
+    c.rl.micro_batch_tokens = 0
     c.rl.epochs = 1  # μ: passes over the step batch
     c.rl.lr = 1e-6  # peak learning rate
     c.rl.estimator = "grpo"  # advantage estimator (jaxrl.rl.advantages.ESTIMATORS)

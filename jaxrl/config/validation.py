@@ -190,6 +190,7 @@ def _check_combinations(cfg) -> None:
             f"rl.micro_batch_rows={cfg.rl.micro_batch_rows} must divide the mini-batch of "
             f"rl.mini_batch_prompts x rl.samples_per_prompt = {mini_rows} rows"
         )
+    _check_micro_batch_tokens(cfg, row_shards=1)
     if cfg.rl.old_logp_source == "sampler":
         if cfg.sampling.top_p < 1.0 or cfg.sampling.top_k:
             raise ConfigError(
@@ -219,6 +220,18 @@ def _check_combinations(cfg) -> None:
         )
     for spec in cfg.rewards.custom:
         rewarder_spec(spec)
+
+
+def _check_micro_batch_tokens(cfg, row_shards: int) -> None:
+    budget = cfg.rl.micro_batch_tokens
+    prompt = 1 << (max(int(cfg.data.max_prompt_tokens), 16) - 1).bit_length()  # the widest prompt bucket
+    full = prompt + cfg.sampling.max_new_tokens
+    if budget < 0 or (budget and budget < row_shards * full):
+        per = f" x mesh.data x mesh.fsdp = {row_shards}" if row_shards > 1 else ""
+        raise ConfigError(
+            f"rl.micro_batch_tokens={budget} must be 0 (fixed micro-batches of rl.micro_batch_rows) or at least "
+            f"one full-width row per row shard: (prompt bucket {prompt} + sampling.max_new_tokens="
+            f"{cfg.sampling.max_new_tokens}){per} = {row_shards * full} tokens")
 
 
 def _check_files(cfg) -> None:
@@ -253,6 +266,7 @@ def _check_mesh(cfg, num_devices: int) -> None:
             f"rl.mini_batch_prompts x rl.samples_per_prompt = {mini_rows} rows must divide over "
             f"mesh.data x mesh.fsdp = {data * fsdp} devices"
         )
+    _check_micro_batch_tokens(cfg, row_shards=data * fsdp)
 
 
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, check_files: bool = True) -> None:

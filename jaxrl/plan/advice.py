@@ -67,6 +67,15 @@ def _advice(cfg: ModelConfig, settings: PlanSettings, hardware: Hardware) -> lis
         for name, change in candidates:
             if train_of(current) <= budget:
                 break
+            if name == "micro" and current.micro_batch_tokens:
+                # token budget: in whole full-width rows per row shard
+                unit = sizes["data"] * sizes["fsdp"] * (current.prompt_len + current.response_len)
+                n = _largest_fitting(1, max(1, current.micro_batch_tokens // unit),
+                    lambda n: train_of(dataclasses.replace(current, micro_batch_tokens=n * unit)) <= budget)
+                if n is not None and n * unit < current.micro_batch_tokens:
+                    current = dataclasses.replace(current, micro_batch_tokens=n * unit)
+                    steps.append(f"rl.micro_batch_tokens={n * unit}")
+                continue
             if name == "micro":
                 row_unit = sizes["data"] * sizes["fsdp"]
                 per_device = _largest_fitting(1, max(1, current.micro_batch_rows // row_unit),

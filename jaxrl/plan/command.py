@@ -30,6 +30,7 @@ def settings_from_config(cfg) -> tuple[ModelConfig, PlanSettings]:
         mesh=(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)),
         param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
         micro_batch_rows=int(cfg.rl.micro_batch_rows),
+        micro_batch_tokens=int(cfg.rl.micro_batch_tokens),
         mini_batch_rows=int(cfg.rl.mini_batch_prompts) * int(cfg.rl.samples_per_prompt),
         prompt_len=int(cfg.data.max_prompt_tokens),
         response_len=int(cfg.sampling.max_new_tokens),
@@ -91,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"model {model.model_type}: {model.num_params() / 1e9:.2f} B parameters; "
               f"train seq {settings.prompt_len}+{settings.response_len}, micro-batch "
-              f"{settings.micro_batch_rows} rows, remat {settings.remat}, dtype {settings.dtype}, "
+              f"{settings.micro_batch_tokens or settings.micro_batch_rows} "
+              f"{'tokens' if settings.micro_batch_tokens else 'rows'}, remat {settings.remat}, dtype {settings.dtype}, "
               f"params {settings.param_dtype}; {settings.sampling_rows} rollout rows")
         print(result.format())
     return 0 if result.fits else 1

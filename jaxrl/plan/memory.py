@@ -43,6 +43,7 @@ from typing import Any
 
 import jax
 
+from jaxrl.data.token_budget import bucket_shapes
 from jaxrl.kernels.flash_attention import ATTENTION_IMPLS, DEFAULT_BLOCK, resolve_impl
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.sharding import logical_to_spec, param_logical_axes, param_shapes, shard_shape
@@ -59,6 +60,9 @@ class PlanSettings:
 
     mesh: (data, fsdp, tensor); -1 = the rest of the devices.
     micro_batch_rows: rows per gradient micro-batch (all devices together).
+    micro_batch_tokens: ``rl.micro_batch_tokens``; > 0 = token-budget micro-batches, whose
+      activations are the largest over their shapes (``jaxrl.data.token_budget``), and
+      ``micro_batch_rows`` is not used.
     mini_batch_rows: rows per optimizer update; more than ``micro_batch_rows`` means gradient
       accumulation (a second parameter-sized gradient tree). None = equal (no accumulation).
     prompt_len / response_len: padded P and T; training sequences are P + T long.
@@ -80,6 +84,7 @@ class PlanSettings:
     dtype: str = "bfloat16"
     remat: str = "full"
     micro_batch_rows: int = 8
+    micro_batch_tokens: int = 0
     mini_batch_rows: int | None = None
     prompt_len: int = 1024
     response_len: int = 4096
@@ -192,20 +197,38 @@ def _rows_per_device(rows: int, sizes: dict[str, int]) -> int:
     return shard_shape((rows,), spec, sizes)[0]
 
 
-def attention_impl(settings: PlanSettings, hardware: Hardware) -> str:
-    """The concrete attention implementation the run would use (``auto`` resolved by kind)."""
+def attention_impl(settings: PlanSettings, hardware: Hardware, seq_len: int | None = None) -> str:
+    """The concrete attention implementation the run would use (``auto`` resolved by kind) at
+    ``seq_len`` positions (default the full P + T)."""
     kind = hardware.kind.lower()
     backend = "tpu" if kind.startswith("v") else "cpu" if kind.startswith("cpu") else "gpu"
-    return resolve_impl(settings.attention, settings.prompt_len + settings.response_len,
-                        settings.dtype, backend)
+    length = settings.prompt_len + settings.response_len if seq_len is None else seq_len
+    return resolve_impl(settings.attention, length, settings.dtype, backend)
 
 
 def activation_bytes(cfg: ModelConfig, settings: PlanSettings, sizes: dict[str, int],
-                     impl: str = "xla") -> dict[str, int]:
+                     impl: str = "xla", impl_at=None) -> dict[str, int]:
     """Per-device activation bytes of one micro-batch's forward + backward (see module doc).
 
-    impl: the concrete attention implementation (``attention_impl``), not ``auto``.
+    impl: the concrete attention implementation (``attention_impl``), not ``auto``. With
+    ``micro_batch_tokens`` each term is its largest over the token-budget micro-batch shapes
+    (rows(w) rows of P + w positions; narrow ones hold more rows, so more logits), and
+    ``impl_at(length)``, when given, resolves the implementation per micro-batch length (auto
+    picks dense attention for short sequences on a CPU).
     """
+    if not settings.micro_batch_tokens:
+        return _micro_batch_activation_bytes(cfg, settings, sizes, impl)
+    shapes = bucket_shapes(settings.micro_batch_tokens, settings.prompt_len, settings.response_len,
+                           row_multiple=sizes["data"] * sizes["fsdp"], max_rows=settings.mini_batch_rows)
+    each = [_micro_batch_activation_bytes(cfg, dataclasses.replace(settings, micro_batch_rows=rows, response_len=width,
+                                                                     micro_batch_tokens=0), sizes,
+                                          impl if impl_at is None else impl_at(settings.prompt_len + width))
+            for width, rows in shapes]
+    return {name: max(terms[name] for terms in each) for name in each[0]}
+
+
+def _micro_batch_activation_bytes(cfg: ModelConfig, settings: PlanSettings, sizes: dict[str, int],
+                                  impl: str) -> dict[str, int]:
     c = _DTYPE_BYTES[settings.dtype]
     t = sizes["tensor"]
     b = _rows_per_device(settings.micro_batch_rows, sizes)
@@ -270,14 +293,16 @@ def estimate(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware)
         comps["sampling_params_copy"] = sampling_elems * _DTYPE_BYTES[sampling_dtype]
     persistent = sum(comps.values())
 
-    accumulating = (settings.mini_batch_rows or settings.micro_batch_rows) > settings.micro_batch_rows
+    accumulating = ((settings.mini_batch_rows or settings.micro_batch_rows) > settings.micro_batch_rows
+                    or settings.micro_batch_tokens > 0)  # the budget loop always carries a gradient sum
     comps["gradients"] = (2 if accumulating else 1) * param_elems * p
     comps["update_temporaries"] = int(_UPDATE_TEMP_TREES * param_elems * p)
     # gather_layer gathers one layer's weights inside the scan (in the param dtype, then cast)
     layer_elems = gathered_elems // model_cfg.num_layers
     comps["fsdp_gathered_weights"] = _GATHERED_LAYERS * layer_elems * (p + c) if sizes["fsdp"] > 1 else 0
     impl = attention_impl(settings, hardware)
-    comps.update(activation_bytes(model_cfg, settings, sizes, impl))
+    comps.update(activation_bytes(model_cfg, settings, sizes, impl,
+                                  impl_at=lambda length: attention_impl(settings, hardware, length)))
     train = persistent + sum(comps[k] for k in (
         "gradients", "update_temporaries", "fsdp_gathered_weights", "activations_saved",
         "activations_live", "logprob_chunk_buffers"))

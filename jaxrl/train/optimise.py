@@ -51,6 +51,14 @@ def tis_weights(trainer_logp: jax.Array, sampler_logp: jax.Array, cap: float) ->
     return jnp.minimum(jnp.exp(jnp.clip(trainer_logp - sampler_logp, -20.0, 20.0)), cap)
 
 
+def row_shards(row_sharding: NamedSharding) -> int:
+    """How many shards the batch rows are split into (the product of the mesh axes named in
+    the row sharding's first dimension; 1 unsharded)."""
+    axes = row_sharding.spec[0] if len(row_sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([row_sharding.mesh.shape[a] for a in axes], dtype=np.int64))
+
+
 @dataclasses.dataclass(frozen=True)
 class Updater:
     """The jitted functions of the update phase and the static settings they share."""
@@ -70,7 +78,8 @@ def make_updater(cfg: ml_collections.ConfigDict, model_cfg, loss_cfg: LossConfig
     """Builds (without compiling) the update, log-prob, token-selection and mini-batch-slice
     functions; the update's in/out shardings are pinned so step 2 never recompiles."""
     common = dict(temperature=cfg.sampling.temperature, chunk_size=cfg.rl.logprob_chunk_size,
-                  micro_batch_rows=cfg.rl.micro_batch_rows)
+                  micro_batch_rows=cfg.rl.micro_batch_rows, micro_batch_tokens=cfg.rl.micro_batch_tokens,
+                  row_multiple=row_shards(row_sharding))
     mini_rows = cfg.rl.mini_batch_prompts * cfg.rl.samples_per_prompt
 
     @jax.jit

@@ -27,6 +27,7 @@ from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import decoder_hidden, unembedding
 from jaxrl.rl.logprobs import token_logprobs_and_entropy
 from jaxrl.rl.losses import LossConfig, policy_loss
+from jaxrl.train.budget_step import grads_by_budget, logprobs_by_budget
 from jaxrl.types import TrainBatch
 
 Params = Any
@@ -181,23 +182,32 @@ def make_logprob_fn(
     micro_batch_rows: int,
     temperature: float,
     chunk_size: int,
+    micro_batch_tokens: int = 0,
+    row_multiple: int = 1,
     in_shardings=None,
     out_shardings=None,
 ) -> Callable:
     """Jitted ``(params, input_tokens, attention_mask, positions, targets) -> (logp, entropy)``.
 
-    Forward only (no gradient), over B rows in micro-batches of ``micro_batch_rows``;
-    shapes as in ``response_logprobs``; outputs float32 [B, T]. Used for the trainer's
-    old log-probs, the reference model and step-start entropies.
+    Forward only (no gradient), over B rows in micro-batches of ``micro_batch_rows``, or with
+    ``micro_batch_tokens`` > 0 in token-budget micro-batches (``jaxrl.train.budget_step``;
+    rows per micro-batch a multiple of ``row_multiple``, the data × fsdp row shards; outputs
+    0 past each row's response). Shapes as in ``response_logprobs``; outputs float32 [B, T].
+    Used for the trainer's old log-probs, the reference model and step-start entropies.
     """
+
+    def forward(params, *xs):
+        return response_logprobs(params, model_cfg, *xs, temperature=temperature, chunk_size=chunk_size)
 
     def logprobs(params, input_tokens, attention_mask, positions, targets):
         TRACE_COUNTS["logprobs"] += 1
+        if micro_batch_tokens:
+            return logprobs_by_budget(lambda *xs: forward(params, *xs), input_tokens, attention_mask, positions,
+                                      targets, budget=micro_batch_tokens, row_multiple=row_multiple)
         micro = _split_micro((input_tokens, attention_mask, positions, targets), micro_batch_rows)
 
         def body(_, xs):
-            out = response_logprobs(params, model_cfg, *xs, temperature=temperature, chunk_size=chunk_size)
-            return None, out
+            return None, forward(params, *xs)
 
         _, (logp, entropy) = jax.lax.scan(body, None, micro)
         rows = targets.shape[0]
@@ -219,12 +229,18 @@ def make_update_fn(
     micro_batch_rows: int,
     temperature: float,
     chunk_size: int,
+    micro_batch_tokens: int = 0,
+    row_multiple: int = 1,
     in_shardings=None,
     out_shardings=None,
 ) -> Callable[[TrainState, TrainBatch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Jitted ``update(state, batch, token_select) -> (state, metrics)``; ``state`` is donated.
 
     batch: a TrainBatch of M rows (one mini-batch), M a multiple of ``micro_batch_rows``.
+    micro_batch_tokens: 0 = fixed micro-batches of ``micro_batch_rows`` full-width rows; N > 0
+      = token-budget micro-batches of ≤ N positions each, trimmed to their rows' responses
+      (``jaxrl.train.budget_step``; rows a multiple of ``row_multiple``, the data × fsdp row
+      shards). Same loss and gradient up to float32 summation order.
     token_select: bool [M, T], the tokens whose policy-gradient term is kept (the forking
       mask of the step for ``token_mask`` top/bottom; the loss mask for "all").
     One optimizer update: micro-batch gradients are summed by a ``lax.scan`` (every loss
@@ -270,6 +286,31 @@ def make_update_fn(
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    def accumulate_fixed(params, batch: TrainBatch, select, totals):
+        """Fixed micro-batches of ``micro_batch_rows`` full-width rows → (grads, loss, metrics)."""
+        micro_batches = _split_micro((batch, select), micro_batch_rows)
+
+        def accumulate(grads_sum, xs):
+            micro, micro_select = xs
+            (loss, metrics), grads = grad_fn(params, micro, micro_select, totals)
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            weight = jnp.sum(micro.loss_mask > 0, dtype=jnp.float32)
+            return grads_sum, (loss, metrics, weight)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (losses, micro_metrics, weights) = jax.lax.scan(accumulate, zeros, micro_batches)
+
+        metrics = {}
+        weight_total = jnp.maximum(jnp.sum(weights), 1.0)
+        for name, values in micro_metrics.items():
+            if name in _ADDITIVE_METRICS:
+                metrics[name] = jnp.sum(values)
+            elif name == "ratio_max":
+                metrics[name] = jnp.max(values)
+            else:
+                metrics[name] = jnp.sum(values * weights) / weight_total
+        return grads, jnp.sum(losses), metrics
+
     def update(state: TrainState, batch: TrainBatch, token_select: jax.Array):
         TRACE_COUNTS["update"] += 1
         valid = batch.loss_mask > 0
@@ -282,30 +323,18 @@ def make_update_fn(
                 jnp.float32(rows) if sum_rows_norm else jnp.sum(jnp.any(valid, axis=-1), dtype=jnp.float32)
             ),
         }
-        micro_batches = _split_micro((batch, select), micro_batch_rows)
-
-        def accumulate(grads_sum, xs):
-            micro, micro_select = xs
-            (loss, metrics), grads = grad_fn(state.params, micro, micro_select, totals)
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            weight = jnp.sum(micro.loss_mask > 0, dtype=jnp.float32)
-            return grads_sum, (loss, metrics, weight)
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, micro_metrics, weights) = jax.lax.scan(accumulate, zeros, micro_batches)
-
-        metrics = {}
-        weight_total = jnp.maximum(jnp.sum(weights), 1.0)
-        for name, values in micro_metrics.items():
-            if name in _ADDITIVE_METRICS:
-                metrics[name] = jnp.sum(values)
-            elif name == "ratio_max":
-                metrics[name] = jnp.max(values)
-            else:
-                metrics[name] = jnp.sum(values * weights) / weight_total
+        if micro_batch_tokens:
+            grads, sums, weight_sum = grads_by_budget(
+                grad_fn, state.params, batch, select, totals, budget=micro_batch_tokens,
+                row_multiple=row_multiple, additive=_ADDITIVE_METRICS)
+            weight_total = jnp.maximum(weight_sum, 1.0)
+            metrics = {name: value if name in _ADDITIVE_METRICS or name == "ratio_max" else value / weight_total
+                       for name, value in sums.items()}
+            loss = metrics["loss"]
+        else:
+            grads, loss, metrics = accumulate_fixed(state.params, batch, select, totals)
         if "cov_logp_adv" in metrics:
             metrics["cov_logp_adv"] = metrics["logp_adv_mean"] - metrics["logp_mean"] * metrics["adv_mean"]
-        loss = jnp.sum(losses)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         empty = totals["tokens"] == 0
