@@ -122,3 +122,18 @@ def test_attention_term_follows_the_implementation():
     # 32 heads x 22,528^2 x (4 + 2) B + mask per row: ~100 GB x 0.67; blocked keeps 512 columns of it
     assert dense > 60 * 2**30 > 8 * blocked and blocked > cudnn.components["activations_live"]
     assert "attention: cudnn (model.attention_impl=auto)" in cudnn.notes
+
+
+def test_overlapped_steps_hold_the_sampler_next_to_the_update():
+    """rl.rollout_staleness=1: during the update the sampler's params copy, KV cache and decode
+    logits are live too (fp32 params: 4 bytes each; KV: 2·L·rows·slots·K·hd in bf16)."""
+    cfg = ModelConfig(**MODEL_A)
+    hw = parse_hardware("cpux8")
+    common = dict(mesh=(8, 1, 1), param_dtype="float32", dtype="bfloat16", sampling_rows=64, prompt_len=64,
+                  response_len=192)
+    on_policy, overlapped = (plan(cfg, PlanSettings(**common, overlap=flag), hw) for flag in (False, True))
+    kv = 2 * cfg.num_layers * (64 // 8) * (64 + 192) * cfg.num_kv_heads * cfg.head_dim * 2
+    logits = 3 * (64 // 8) * cfg.vocab_size * 4
+    assert overlapped.components["overlap_sampler_params"] == cfg.num_params() * 4
+    assert overlapped.train_bytes - on_policy.train_bytes == cfg.num_params() * 4 + kv + logits
+    assert overlapped.sample_bytes - on_policy.sample_bytes == cfg.num_params() * 4

@@ -39,6 +39,7 @@ def settings_from_config(cfg) -> tuple[ModelConfig, PlanSettings]:
         reference_model=float(cfg.rl.loss.kl_coef) > 0,
         eval_rows=int(cfg.eval.batch_prompts) * int(cfg.eval.num_samples) if _has_heldout(cfg) else 0,
         attention=cfg.model.get("attention_impl", "auto"),
+        overlap=int(cfg.rl.get("rollout_staleness", 0)) == 1,
     )
     return model, settings
 

@@ -16,6 +16,9 @@ Phases (one device; everything per device):
   time: ``jaxrl.models.sharding.gather_layer`` pins the gather inside the layer scan; two
   layers are counted, the one in use and the next).
 * sample: persistent + KV cache of the concurrent rollout rows + one decode step's logits.
+* overlapped (``rl.rollout_staleness=1``): the next step's rollout runs during the update, so
+  train additionally holds the sampler's params copy (``param_dtype``, training sharding), its
+  KV cache and decode logits; sample holds the copy too.
 
 Peak = max(train, sample). Units: bytes; GiB = 2**30 bytes.
 
@@ -75,6 +78,7 @@ class PlanSettings:
       training sharding), as the loop holds it.
     eval_rows: rows decoded at once by the end-of-run report, which loads a second copy of the
       starting params next to the trained state (0 = no report phase).
+    overlap: ``rl.rollout_staleness=1``: sampling runs during the update (see the phases).
     attention: ``model.attention_impl`` (auto | xla | blocked | cudnn | tpu_flash); auto is
       resolved for the hardware kind as the run resolves it (``attention_impl``).
     """
@@ -96,6 +100,7 @@ class PlanSettings:
     reference_model: bool = False
     attention: str = "auto"
     eval_rows: int = 0
+    overlap: bool = False
 
     def __post_init__(self):
         if self.remat not in ("none", "full", "dots"):
@@ -314,6 +319,10 @@ def estimate(model_cfg: ModelConfig, settings: PlanSettings, hardware: Hardware)
     comps["kv_cache"] = 2 * model_cfg.num_layers * rows * slots * kv_heads * model_cfg.head_dim * kv_bytes
     comps["decode_logits"] = 3 * rows * _split(model_cfg.vocab_size, sampling_sizes["tensor"]) * 4
     sample = persistent + comps["kv_cache"] + comps["decode_logits"]
+    if settings.overlap:  # the sampler's copy of the previous step's params, live during the update
+        comps["overlap_sampler_params"] = param_elems * p
+        train += comps["overlap_sampler_params"] + comps["kv_cache"] + comps["decode_logits"]
+        sample += comps["overlap_sampler_params"]
 
     peak = max(train, sample)
     if settings.eval_rows:  # end-of-run report: trained state + starting params + eval KV cache
