@@ -4,7 +4,7 @@ Usage: python benchmarks/bench_decode_fill.py [--rows 16] [--slots 4096] [--step
            [--shape small]
 
 One engine decode step (``jaxrl.sampling.decode.decode_hidden`` + lm head + fused sampler,
-T = 1) on a ``--slots``-slot head-major cache, timed at 12.5%, 25%, 50% and 100% fill: the
+T = 1) on a ``--slots``-slot bucket, timed at 12.5%, 25%, 50% and 100% fill: the
 new token goes to slot ``fill * slots - 1`` and attention reads the window the engine's phased
 loop uses there (``attention_windows``). "full bucket" reads every slot at the same fill (what
 the engine did before the live-length bound). The cache is donated, so a call writes it in place
@@ -27,23 +27,25 @@ from benchmarks.bench_sampling import bench_model_config
 from jaxrl.kernels.noise import make_key_data
 from jaxrl.kernels.sampling import sample_tokens
 from jaxrl.models.transformer import init_params, logits_from_hidden
-from jaxrl.sampling.decode import attention_windows, decode_hidden
+from jaxrl.sampling.decode import attention_windows, decode_hidden, layer_params
 
 
 def step_ms(params, cfg, rows: int, slots: int, slot: int, window: int, steps: int, repeats: int) -> float:
-    """ms per decode step writing ``slot`` and attending over ``window`` slots."""
-    shape = (cfg.num_layers, rows, cfg.num_kv_heads, slots, cfg.head_dim)
-    k = jnp.full(shape, 0.01, jnp.float32)
-    v = jnp.full(shape, 0.02, jnp.float32)
+    """ms per decode step writing ``slot`` and attending over ``window`` slots (the engine's
+    phase layout: one [rows * K, window, hd] buffer per layer; ``slots`` only names the bucket)."""
+    shape = (rows * cfg.num_kv_heads, window, cfg.head_dim)
+    k = tuple(jnp.full(shape, 0.01, jnp.float32) for _ in range(cfg.num_layers))
+    v = tuple(jnp.full(shape, 0.02, jnp.float32) for _ in range(cfg.num_layers))
     ones = jnp.ones((rows,), jnp.float32)
+    layers = layer_params(params)
 
     @functools.partial(jax.jit, donate_argnums=(1, 2))  # the cache is updated in place
     def run(token, k, v):
         def body(i, carry):
             token, k, v = carry
             hidden, k, v = decode_hidden(params, cfg, token, jnp.full((rows,), slot, jnp.int32), k, v,
-                                         jnp.zeros((rows,), jnp.int32), jnp.int32(slot), window=window,
-                                         attention_impl="reference")
+                                         jnp.zeros((rows,), jnp.int32), jnp.int32(slot),
+                                         attention_impl="reference", layers=layers)
             tok, _, _ = sample_tokens(logits_from_hidden(params, cfg, hidden), make_key_data(jax.random.key(0), i),
                                       ones, jnp.zeros((rows,), jnp.int32), ones, impl="reference")
             return tok, k, v

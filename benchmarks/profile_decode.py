@@ -1,10 +1,10 @@
 """Per-step profile of the engine's decode loop, by ablation, beside the FLOP and byte floors.
 
-Usage: python benchmarks/profile_decode.py [--rows 64] [--prompt-len 64] [--new-tokens 128]
-           [--steps 32] [--repeats 5]
+Usage: python benchmarks/profile_decode.py [--shape small|deep] [--rows 64] [--prompt-len 64]
+           [--new-tokens 128] [--steps 32] [--repeats 5]
 
-Model: the small Qwen3 shape of ``bench_sampling.py`` (V 4096, d 256, 4 layers, 4 q / 2 kv
-heads, hd 64), float32, T = 1, no stop. Cache slots S = bucket(prompt) + bucket(new tokens).
+Model: a Qwen3 shape of ``bench_sampling.py`` (small: V 4096, d 256, 4 layers, 4 q / 2 kv
+heads, hd 64; deep: d 128, 28 layers, hd 32), float32, T = 1, no stop. Cache slots S = bucket(prompt) + bucket(new tokens).
 
 Rows (ms per decode step; each part is a jitted ``fori_loop`` of ``--steps`` iterations, so
 dispatch is amortised, median of ``--repeats`` calls):
@@ -16,6 +16,9 @@ dispatch is amortised, median of ``--repeats`` calls):
   attention, live    the same over the live prefix only (S/2 slots: the mean fill of a run)
   attention head-major  the engine's ``decode_attention_heads`` (jnp path) on its [L, B, K, S, hd]
                      cache, all slots and the live prefix (present after issue 15)
+  attention per-layer  the same attention on one [B * K, W, hd] buffer per layer (the engine's
+                     layout after the deep-shape work: no per-layer slice copy), slot written
+                     in place first, W = all slots and the live prefix
   cache update, copy the layer scan with the cache as scan xs/ys (a fresh [L,B,S,K,hd] per step)
   cache update, in place  per-layer dynamic_update_slice of one slot on a carried cache
   lm head            logits = h @ W_out [B, V]
@@ -91,6 +94,7 @@ def machine_rates(repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="small", choices=["small", "deep"])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -98,7 +102,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    cfg = bench_model_config()
+    cfg = bench_model_config(args.shape)
     params = init_params(cfg, jax.random.key(0))
     rows, steps = args.rows, args.steps
     slots = bucket_size(args.prompt_len, 16) + bucket_size(args.new_tokens, 16)
@@ -162,6 +166,26 @@ def main() -> None:
         for width, label in ((slots, f"all {slots}"), (live, f"live {live}")):
             parts.append((f"attention head-major, {label}", _median_seconds(_looped(heads_over(width), qh, steps), args.repeats) / steps))
 
+        def per_layer(width):
+            buffers = tuple(jnp.ones((rows * K, width, hd), jnp.float32) * 0.01 for _ in range(L))
+            new_kv = jnp.ones((rows * K, 1, hd), jnp.float32)
+            bounds = jnp.stack([jnp.zeros((rows,), jnp.int32), jnp.full((rows,), width, jnp.int32),
+                                jnp.zeros((rows,), jnp.int32)], axis=1)
+
+            def body(i, carry):
+                q, caches = carry
+                out = []
+                for cache_l in caches:  # as the engine: update in place, then read the whole buffer
+                    cache_l = lax.dynamic_update_slice(cache_l, new_kv * q[0, 0, 0, 0], (0, i, 0))
+                    shaped = cache_l.reshape(1, rows, K, width, hd)
+                    q = decode_attention_heads(q, shaped, shaped, bounds, impl="reference") * 0.5 + q
+                    out.append(cache_l)
+                return q, tuple(out)
+            return _looped(body, (qh, buffers), steps)
+
+        for width, label in ((slots, f"all {slots}"), (live, f"live {live}")):
+            parts.append((f"attention per-layer, {label}", _median_seconds(per_layer(width), args.repeats) / steps))
+
     new_kv = jnp.ones((rows, 1, K, hd), jnp.float32)
 
     def cache_copy(i, c):
@@ -215,7 +239,7 @@ def main() -> None:
     weight_bytes = 4 * (L * (d * (H * hd + 2 * K * hd) + H * hd * d + 3 * d * cfg.intermediate_size) + d * V)
     cache_bytes = 4 * 2 * L * rows * live * K * hd
     flop_ms, byte_ms = flop / gflops / 1e6, (weight_bytes + cache_bytes) / gbps / 1e6
-    print(f"backend={jax.default_backend()} rows={rows} slots={slots} (live mean {live}) "
+    print(f"backend={jax.default_backend()} shape={args.shape} rows={rows} slots={slots} (live mean {live}) "
           f"steps/call={steps} median of {args.repeats}; machine: {gflops:.0f} GFLOP/s matmul, "
           f"{gbps:.1f} GB/s read; load {os.getloadavg()[0]:.2f}")
     print(f"| {'part':<34} | {'ms/step':>8} |")

@@ -1,17 +1,21 @@
 """The engine's decode loop: one token per row per step, KV cache updated in place.
 
-Cache layout here is head-major and layer-stacked, k, v [L, B, K, S, hd] (see
-:func:`jaxrl.sampling.kv_cache.fan_out`): each (row, kv head) holds its slots contiguously,
-so decode attention is one batched matmul over B * K (:func:`jaxrl.kernels.attention.
-decode_attention_heads`). The layer loop carries the whole cache and writes the new slot with
-one ``dynamic_update_slice`` per layer, which XLA does in place (a layer scan with the cache
-as scan input/output would write a fresh cache every step).
+Cache layout: the prefill's head-major cache k, v [L, B, K, S, hd] (see
+:func:`jaxrl.sampling.kv_cache.fan_out`) is split once into one buffer [B * K, W, hd] per
+layer, W the phase's attention window: each (row, kv head) holds its slots contiguously, so
+decode attention is one batched matmul over B * K (:func:`jaxrl.kernels.attention.
+decode_attention_heads`) that reads the whole buffer in place. The layers are unrolled (a
+Python loop in the traced step, weights sliced once per call); a ``scan`` over a stacked cache
+made XLA copy every layer's slice before its attention dot (issue 15, deep shape: the copies
+cost more than the rest of a 28-layer step). The new slot is written with one
+``dynamic_update_slice`` per layer and buffer, in place.
 
 Live length: row r attends to slots ``[start_r, P_b + step)`` (its left-padded prompt and the
 tokens fed so far), so no validity mask is built. On the jnp path the loop runs in phases of
-static attention windows (:func:`attention_windows`): while ``P_b + step <= w`` attention
-reads only slots ``< w``, so the cost of a step follows the filled length, not the bucket.
-The Pallas kernel skips blocks past each row's end by itself and runs one phase.
+static attention windows (:func:`attention_windows`): while ``P_b + step <= w`` the buffers hold
+``w`` slots (grown with zeros between phases), so the cost of a step follows the filled length,
+not the bucket. The Pallas kernel skips blocks past each row's end by itself and runs one phase.
+Each phase compiles its own copy of the unrolled step: compile time grows with layers x phases.
 """
 
 from __future__ import annotations
@@ -45,39 +49,68 @@ def attention_windows(prompt_width: int, total_slots: int, phased: bool = True) 
     return tuple(windows) + (total_slots,)
 
 
+def layer_params(params: Params) -> tuple[Params, ...]:
+    """The stacked ``params["blocks"]`` as one dict per layer (sliced once, outside the loop)."""
+    blocks = params["blocks"]
+    num_layers = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+    return tuple({name: w[i] for name, w in blocks.items()} for i in range(num_layers))
+
+
+def split_cache(cache: jax.Array, slots: int) -> tuple[jax.Array, ...]:
+    """[L, B, K, S, hd] -> L buffers [B * K, slots, hd] (slots past S zeros, past ``slots`` cut)."""
+    layers, rows, heads, _, head_dim = cache.shape
+    return tuple(_resize(cache[i].reshape(rows * heads, -1, head_dim), slots) for i in range(layers))
+
+
+def _resize(buffer: jax.Array, slots: int) -> jax.Array:
+    """A [R, S, hd] buffer grown with zero slots (or cut) to ``slots``."""
+    extra = slots - buffer.shape[1]
+    if extra <= 0:
+        return buffer[:, :slots]
+    return jnp.pad(buffer, ((0, 0), (0, extra), (0, 0)))
+
+
 def decode_hidden(params: Params, cfg: ModelConfig, token: jax.Array, position: jax.Array,
-                  k_cache: jax.Array, v_cache: jax.Array, row_start: jax.Array, slot: jax.Array,
-                  *, window: int, attention_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  k_cache: tuple[jax.Array, ...], v_cache: tuple[jax.Array, ...], row_start: jax.Array,
+                  slot: jax.Array, *, attention_impl: str, layers: tuple[Params, ...] | None = None
+                  ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """Feed one token per row: final-normed hidden [B, D] and the caches with slot ``slot`` set.
 
-    token, position, row_start int32 [B]; k_cache, v_cache [L, B, K, S, hd]; slot int32 scalar
-    (the new token's slot; row r then attends to ``[row_start_r, slot]``); window: static bound
-    > slot on the slots attention reads (jnp path).
+    token, position, row_start int32 [B]; k_cache, v_cache: one buffer [B * K, W, hd] per layer
+    (W = the phase's attention window, > slot); slot int32 scalar (the new token's slot; row r
+    then attends to ``[row_start_r, slot]``). layers: :func:`layer_params` of ``params``
+    (computed here when None; pass it from outside a loop so it is sliced once).
+
+    The layers are a Python loop (unrolled in the program), not a ``scan``: with a stacked cache
+    every layer's attention read its slice through a copy (dynamic slice feeding the dot), which
+    at 28 narrow layers cost more than the rest of the step; separate buffers are read in place.
     """
     num_rows = token.shape[0]
     kv_heads, head_dim = cfg.num_kv_heads, cfg.head_dim
     group = cfg.num_heads // kv_heads
     inv_freq = rope_inverse_frequencies(cfg)
-    end = jnp.broadcast_to(slot + 1, (num_rows,))
-
-    def layer(carry, p):
-        x, k_all, v_all, index = carry
-
-        def attend(q, k, v):
-            at = (index, 0, 0, slot, 0)
-            k_new = lax.dynamic_update_slice(k_all, k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype), at)
-            v_new = lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None].astype(v_all.dtype), at)
-            bounds = jnp.stack([row_start, end, jnp.broadcast_to(index, (num_rows,))], axis=1)
-            out = decode_attention_heads(q[:, 0].reshape(num_rows, kv_heads, group, head_dim), k_new, v_new,
-                                         bounds, impl=attention_impl, window=window)
+    bounds = jnp.stack([row_start, jnp.broadcast_to(slot + 1, (num_rows,)), jnp.zeros((num_rows,), jnp.int32)],
+                       axis=1)
+    layers = layer_params(params) if layers is None else layers
+    x = embed(params, cfg, token[:, None])
+    k_out, v_out = [], []
+    for p, k_all, v_all in zip(layers, k_cache, v_cache):
+        def attend(q, k, v, k_all=k_all, v_all=v_all):
+            # Buffers are [B * K, W, hd], the attention's own layout: the update feeds the dot
+            # with no reshape in between (XLA fuses an update into each reshaping user, so a
+            # reshape there costs a second update and a full copy of the buffer).
+            at = (0, slot, 0)
+            k_new = lax.dynamic_update_slice(k_all, k.reshape(num_rows * kv_heads, 1, head_dim).astype(k_all.dtype), at)
+            v_new = lax.dynamic_update_slice(v_all, v.reshape(num_rows * kv_heads, 1, head_dim).astype(v_all.dtype), at)
+            shape = (1, num_rows, kv_heads) + k_new.shape[1:]
+            out = decode_attention_heads(q[:, 0].reshape(num_rows, kv_heads, group, head_dim), k_new.reshape(shape),
+                                         v_new.reshape(shape), bounds, impl=attention_impl)
             return out.reshape(num_rows, 1, cfg.num_heads, head_dim), (k_new, v_new)
 
-        x, (k_all, v_all) = _block(cfg, inv_freq, x, p, position[:, None], attend)
-        return (x, k_all, v_all, index + 1), None
-
-    init = (embed(params, cfg, token[:, None]), k_cache, v_cache, jnp.int32(0))
-    (x, k_cache, v_cache, _), _ = lax.scan(layer, init, params["blocks"])
-    return rms_norm(x[:, 0], params["final_norm"], cfg.rms_norm_eps), k_cache, v_cache
+        x, (k_new, v_new) = _block(cfg, inv_freq, x, p, position[:, None], attend)
+        k_out.append(k_new)
+        v_out.append(v_new)
+    return rms_norm(x[:, 0], params["final_norm"], cfg.rms_norm_eps), tuple(k_out), tuple(v_out)
 
 
 def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: jax.Array,
@@ -88,7 +121,8 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
                 compute_entropy: bool, windows: tuple[int, ...]):
     """Sample up to ``limit`` (<= budget) tokens per row; stop per row on a stop token.
 
-    k_cache, v_cache [L, B, K, P_b + budget, hd] (prompt in slots < P_b); first_logits f32
+    k_cache, v_cache [L, B, K, S, hd] with S >= P_b (prompt in slots < P_b; split and grown
+    to each phase's window here); first_logits f32
     [B, V]; row_start int32 [B] = P_b - prompt length; prompt_lengths int32 [B]; row_active
     bool [B] (False = bucket padding, done from the start); is_stop_token bool [V]; per-row
     controls temperature/top_p f32 [B], top_k int32 [B]. Returns tokens int32, logprobs f32,
@@ -119,8 +153,9 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
             done=state["done"] | stopped | (step + 1 >= limit),
         )
 
+    layers = layer_params(params)
     state = dict(
-        step=jnp.int32(1), k=k_cache, v=v_cache,
+        step=jnp.int32(1), k=(), v=(),
         last_token=jnp.zeros((num_rows,), jnp.int32),
         tokens=jnp.full((num_rows, budget), pad_id, jnp.int32),
         logprobs=jnp.zeros((num_rows, budget), jnp.float32),
@@ -131,21 +166,26 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
     )
     state = record(state, 0, *sample(first_logits, make_key_data(key, 0)))
 
-    def step_fn(window):
-        def decode_step(state):
-            step = state["step"]
-            # Feed completion token step-1 into slot P_b + step - 1.
-            hidden, k_new, v_new = decode_hidden(
-                params, cfg, state["last_token"], prompt_lengths + step - 1, state["k"], state["v"],
-                row_start, prompt_width + step - 1, window=window, attention_impl=attention_impl)
-            logits = logits_from_hidden(params, cfg, hidden)
-            state = record(dict(state, k=k_new, v=v_new), step, *sample(logits, make_key_data(key, step)))
-            return dict(state, step=step + 1)
-        return decode_step
+    def decode_step(state):
+        step = state["step"]
+        # Feed completion token step-1 into slot P_b + step - 1.
+        hidden, k_new, v_new = decode_hidden(
+            params, cfg, state["last_token"], prompt_lengths + step - 1, state["k"], state["v"],
+            row_start, prompt_width + step - 1, attention_impl=attention_impl, layers=layers)
+        logits = logits_from_hidden(params, cfg, hidden)
+        state = record(dict(state, k=k_new, v=v_new), step, *sample(logits, make_key_data(key, step)))
+        return dict(state, step=step + 1)
 
-    for window in windows:
+    for phase, window in enumerate(windows):
+        # The phase's buffers hold exactly ``window`` slots: attention reads whole buffers.
+        if phase == 0:
+            state = dict(state, k=split_cache(k_cache, window), v=split_cache(v_cache, window))
+        else:
+            state = dict(state, k=tuple(_resize(x, window) for x in state["k"]),
+                         v=tuple(_resize(x, window) for x in state["v"]))
+
         def keep_going(state, window=window):
             return (state["step"] < limit) & (prompt_width + state["step"] <= window) & ~jnp.all(state["done"])
 
-        state = lax.while_loop(keep_going, step_fn(window), state)
+        state = lax.while_loop(keep_going, decode_step, state)
     return state["tokens"], state["logprobs"], state["entropies"], state["lengths"], state["finish"]

@@ -13,8 +13,9 @@ Flow of :func:`generate_from_params` (device arrays in, :class:`~jaxrl.types.Rol
    when the bucket is larger than the request).
 2. ``_generate`` (jit): one forward over the left-padded prompts [N_b, P_b] fills a KV cache,
    which is then repeated to the ``n`` samples of each prompt (rows of one prompt contiguous),
-   made head-major and grown by ``new_tokens_bucket`` empty slots
-   (:func:`jaxrl.sampling.kv_cache.fan_out`).
+   made head-major and grown to the first attention window
+   (:func:`jaxrl.sampling.kv_cache.fan_out`); the decode loop splits it into one buffer per
+   layer and grows those per phase.
 3. In the same program, :func:`jaxrl.sampling.decode.decode_loop` samples token 0 from the
    prefill logits, then ``lax.while_loop`` phases feed the last token (cache written in
    place), sample the next with the fused sampler (:func:`jaxrl.kernels.sampling.sample_tokens`)
@@ -125,7 +126,7 @@ def _generate(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Arra
     )
     # Left padding puts every row's last real token in the last column.
     first_logits = jnp.repeat(logits_from_hidden(params, cfg, hidden[:, -1]), n, axis=0)
-    k_cache, v_cache = fan_out(cache, n, width + plan.new_tokens_bucket)
+    k_cache, v_cache = fan_out(cache, n, plan.windows[0])  # decode grows it per phase
     row_lengths = jnp.repeat(prompt_lengths, n)
     outputs = decode_loop(
         params, cfg, k_cache, v_cache, first_logits, width - row_lengths, row_lengths, row_active, key,
