@@ -129,6 +129,10 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
     entropies f32 (zeros when not ``compute_entropy``) [B, budget], lengths, finish [B].
     windows: the phases' attention widths (:func:`attention_windows`, last = P_b + budget).
     The loop exits when every row is done.
+
+    Each loop iteration samples token ``step`` from the carried logits, then feeds it (slot
+    P_b + step) for the next logits, so the program holds one sampler per phase and none
+    outside the loop (compile time); the last iteration's feed is not used.
     """
     num_rows = row_start.shape[0]
     sample = functools.partial(sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -155,7 +159,7 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
 
     layers = layer_params(params)
     state = dict(
-        step=jnp.int32(1), k=(), v=(),
+        step=jnp.int32(0), k=(), v=(), logits=first_logits.astype(jnp.float32),
         last_token=jnp.zeros((num_rows,), jnp.int32),
         tokens=jnp.full((num_rows, budget), pad_id, jnp.int32),
         logprobs=jnp.zeros((num_rows, budget), jnp.float32),
@@ -164,17 +168,16 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
         finish=jnp.full((num_rows,), FINISH_LENGTH, jnp.int32),
         done=~row_active,
     )
-    state = record(state, 0, *sample(first_logits, make_key_data(key, 0)))
 
     def decode_step(state):
         step = state["step"]
-        # Feed completion token step-1 into slot P_b + step - 1.
+        state = record(state, step, *sample(state["logits"], make_key_data(key, step)))
+        # Feed completion token ``step`` into slot P_b + step.
         hidden, k_new, v_new = decode_hidden(
-            params, cfg, state["last_token"], prompt_lengths + step - 1, state["k"], state["v"],
-            row_start, prompt_width + step - 1, attention_impl=attention_impl, layers=layers)
-        logits = logits_from_hidden(params, cfg, hidden)
-        state = record(dict(state, k=k_new, v=v_new), step, *sample(logits, make_key_data(key, step)))
-        return dict(state, step=step + 1)
+            params, cfg, state["last_token"], prompt_lengths + step, state["k"], state["v"],
+            row_start, prompt_width + step, attention_impl=attention_impl, layers=layers)
+        logits = logits_from_hidden(params, cfg, hidden).astype(jnp.float32)
+        return dict(state, k=k_new, v=v_new, logits=logits, step=step + 1)
 
     for phase, window in enumerate(windows):
         # The phase's buffers hold exactly ``window`` slots: attention reads whole buffers.
@@ -184,8 +187,8 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
             state = dict(state, k=tuple(_resize(x, window) for x in state["k"]),
                          v=tuple(_resize(x, window) for x in state["v"]))
 
-        def keep_going(state, window=window):
-            return (state["step"] < limit) & (prompt_width + state["step"] <= window) & ~jnp.all(state["done"])
+        def keep_going(state, window=window):  # the step feeds slot P_b + step, inside the window
+            return (state["step"] < limit) & (prompt_width + state["step"] < window) & ~jnp.all(state["done"])
 
         state = lax.while_loop(keep_going, decode_step, state)
     return state["tokens"], state["logprobs"], state["entropies"], state["lengths"], state["finish"]

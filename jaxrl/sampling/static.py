@@ -16,11 +16,12 @@ Flow of :func:`generate_from_params` (device arrays in, :class:`~jaxrl.types.Rol
    made head-major and grown to the first attention window
    (:func:`jaxrl.sampling.kv_cache.fan_out`); the decode loop splits it into one buffer per
    layer and grows those per phase.
-3. In the same program, :func:`jaxrl.sampling.decode.decode_loop` samples token 0 from the
-   prefill logits, then ``lax.while_loop`` phases feed the last token (cache written in
-   place), sample the next with the fused sampler (:func:`jaxrl.kernels.sampling.sample_tokens`)
-   and stop per row on a stop token id or ``max_new_tokens``; the loop exits as soon as every
-   row is done. Attention reads each row's live slot range only.
+3. In the same program, :func:`jaxrl.sampling.decode.decode_loop` runs ``lax.while_loop``
+   phases whose every step samples a token from the carried logits (the prefill's for token 0)
+   with the fused sampler (:func:`jaxrl.kernels.sampling.sample_tokens`), then feeds it (cache
+   written in place) for the next logits; rows stop on a stop token id or ``max_new_tokens``,
+   and the loop exits as soon as every row is done. Attention reads each row's live slot
+   range only. (One sampler per phase and none outside the loop: fewer copies to compile.)
 
 Cache slot layout per row: slots ``0..P_b-1`` hold the left-padded prompt (pads invalid),
 completion token ``i`` lives in slot ``P_b + i``. Positions are real: 0 at the row's first
