@@ -162,7 +162,7 @@ def worker_jaxrl_phases(shape: str) -> dict:
     from jaxrl.kernels.sampling import sample_tokens_reference
     from jaxrl.models.transformer import (decoder_hidden_with_cache, init_kv_cache, init_params,
                                           logits_from_hidden, positions_from_mask)
-    from jaxrl.sampling.decode import attention_windows, decode_hidden
+    from jaxrl.sampling.decode import attention_windows, decode_hidden, layer_params
 
     cfg = bench_model_config(shape)
     params = jax.block_until_ready(init_params(cfg, jax.random.key(0)))
@@ -181,15 +181,16 @@ def worker_jaxrl_phases(shape: str) -> dict:
 
     def step(params, token, k_cache, v_cache, with_sampler, key_data=None, t=None, k=None, p=None):
         hidden, k_cache, v_cache = decode_hidden(params, cfg, token, token, k_cache, v_cache, jnp.zeros_like(token),
-                                                 jnp.int32(PROMPT_LEN), window=windows[0], attention_impl="reference")
+                                                 jnp.int32(PROMPT_LEN), attention_impl="reference",
+                                                 layers=layer_params(params))
         logits = logits_from_hidden(params, cfg, hidden)
         if with_sampler:
             return sample_tokens_reference(logits, key_data, t, k, p, compute_entropy=True), k_cache, v_cache
         return logits, k_cache, v_cache
 
-    cache_shape = (cfg.num_layers, rows, cfg.num_kv_heads, total, cfg.head_dim)
+    # The engine's decode layout: one [rows * kv heads, window, hd] buffer per layer.
     tok = jax.ShapeDtypeStruct((rows,), i32)
-    kv = jax.ShapeDtypeStruct(cache_shape, f32)
+    kv = (jax.ShapeDtypeStruct((rows * cfg.num_kv_heads, windows[0], cfg.head_dim), f32),) * cfg.num_layers
     key_data = make_key_data(jax.random.key(1), 0)
     controls = (jax.ShapeDtypeStruct((rows,), f32), jax.ShapeDtypeStruct((rows,), i32),
                 jax.ShapeDtypeStruct((rows,), f32))

@@ -175,11 +175,18 @@ def test_buckets_do_not_recompile_and_padding_rows_are_isolated(qwen3):
     # controls and stop ids reuse the compiled functions.
     four = generate(qwen3, three + _prompts(vocab, [14], seed=7), 3, cfg, jax.random.key(3))
     generate(qwen3, _prompts(vocab, [12, 2, 7], seed=8), 3,
+             cfg.replace(temperature=0.5, stop_token_ids=(9, 10), max_new_tokens=20), jax.random.key(4))
+    assert engine.trace_count() == before + 1
+    # Turning top-k / top-p on compiles the sampler with its threshold searches once (a program
+    # without them serves calls where no row truncates); other truncation values reuse it.
+    generate(qwen3, _prompts(vocab, [12, 2, 7], seed=8), 3,
              cfg.replace(temperature=0.5, top_p=0.9, top_k=7, stop_token_ids=(9, 10), max_new_tokens=20),
              jax.random.key(4))
+    generate(qwen3, three, 3, cfg.replace(top_k=3), jax.random.key(4))
+    assert engine.trace_count() == before + 2
     again = generate(qwen3, three, 3, cfg, jax.random.key(3))
     other_key = generate(qwen3, three, 3, cfg, jax.random.key(5))
-    assert engine.trace_count() == before + 1
+    assert engine.trace_count() == before + 2
 
     assert first.tokens.shape == (9, NEW_TOKENS) and first.prompt_tokens.shape == (9, 16)
     # The bucket-padding prompt row of `first` is the real 4th prompt of `four`: rows 0..8 agree.

@@ -1,12 +1,15 @@
 """Options that cost nothing when off: entropies only when asked for (log-probs always), and
 the run-time skips of the jnp sampler (no truncation, all greedy) against float64 numpy; the
-phased (live-length) decode loop against a single full-width phase."""
+phased (live-length) decode loop against a single full-width phase; the sampler compiled
+without its threshold searches when no row truncates."""
+
+import functools
 
 import jax
 import numpy as np
 import pytest
 
-from jaxrl.kernels.sampling import make_key_data, sample_tokens
+from jaxrl.kernels.sampling import controls_may_truncate, make_key_data, sample_tokens
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import Transformer, init_params
 from jaxrl.sampling import decode
@@ -86,3 +89,43 @@ def test_engine_without_entropy(small_model):
     assert np.all(np.asarray(full.entropies) > 0.0)
     with pytest.raises(ValueError, match="compute_entropy"):
         cfg.replace(compute_entropy="yes")
+
+
+def test_controls_may_truncate_follows_the_samplers_rule():
+    vocab = 100
+    t1, t0 = np.ones(3, np.float32), np.zeros(3, np.float32)
+    off_k, off_p = np.zeros(3, np.int32), np.ones(3, np.float32)
+    assert not controls_may_truncate(t1, off_k, off_p, vocab)
+    assert not controls_may_truncate(t1, np.array([0, vocab, vocab + 5]), off_p, vocab)  # k >= V: off
+    assert controls_may_truncate(t1, np.array([0, vocab - 1, 0]), off_p, vocab)
+    assert controls_may_truncate(t1, off_k, np.array([1.0, 0.99, 1.0], np.float32), vocab)
+    # Greedy rows never truncate, whatever their top-k / top-p say.
+    assert not controls_may_truncate(t0, np.array([5, 5, 5]), np.full(3, 0.5, np.float32), vocab)
+    assert controls_may_truncate(np.array([0.0, 0.7, 0.0], np.float32), np.array([0, 5, 0]), off_p, vocab)
+    assert not controls_may_truncate(1.0, 0, 1.0, vocab)  # scalars
+    seen = []
+    jax.jit(lambda k: seen.append(controls_may_truncate(t1, k, off_p, vocab)) or k)(off_k)
+    assert seen == [True]  # traced controls cannot be checked: assume truncation
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_sampler_without_truncation_searches_is_identical_and_smaller(impl):
+    """may_truncate=False (what the engines pass when no row truncates) drops the threshold
+    searches from the program (its 32-step bisection loops) and changes no output bit."""
+    rng = np.random.default_rng(6)
+    z, temperature, _, _ = mixed_rows(rng, vocab=700, num_rows=8)
+    top_k, top_p = np.zeros(8, np.int32), np.ones(8, np.float32)
+    key_data = make_key_data(jax.random.key(3), 5)
+    options = dict(impl=impl, block_v=256) if impl == "pallas" else dict(impl=impl)
+    outs, loops = {}, {}
+    for may_truncate in (True, False):
+        call = functools.partial(sample_tokens, **options, may_truncate=may_truncate)
+        outs[may_truncate] = [np.asarray(a) for a in jax.block_until_ready(call(z, key_data, temperature, top_k, top_p))]
+        hlo = jax.jit(call).lower(z, key_data, temperature, top_k, top_p).as_text()
+        loops[may_truncate] = hlo.count("stablehlo.while")
+    for with_search, without in zip(outs[True], outs[False]):
+        np.testing.assert_array_equal(without, with_search)
+    check_against_numpy(z, temperature, top_k, top_p, *outs[False], atol=1e-5)
+    assert loops[False] < loops[True], loops
+    if impl == "reference":
+        assert loops[False] == 0, loops  # the reference has no loop but the searches

@@ -41,6 +41,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -49,7 +50,7 @@ from jaxrl.kernels.backend import resolve_impl
 from jaxrl.kernels.float_keys import KEY_NEG_INF, float_key, largest_key_where
 from jaxrl.kernels.noise import gumbel_from_seeds, gumbel_noise, make_key_data, per_row_key_words, row_seeds
 
-__all__ = ["gumbel_noise", "make_key_data", "sample_tokens", "sample_tokens_reference"]
+__all__ = ["controls_may_truncate", "gumbel_noise", "make_key_data", "sample_tokens", "sample_tokens_reference"]
 
 _NEG_INF = float("-inf")
 
@@ -61,6 +62,20 @@ def _row_controls(temperature, top_k, top_p, vocab_size):
     use_top_k = (~greedy) & (top_k > 0) & (top_k < vocab_size)
     use_top_p = (~greedy) & (top_p < 1.0)
     return greedy, inv_temperature, use_top_k, use_top_p
+
+
+def controls_may_truncate(temperature, top_k, top_p, vocab_size: int) -> bool:
+    """Whether any row of these per-row controls cuts the vocabulary (top-k with 0 < k < V or
+    top-p < 1 on a non-greedy row), the rule the sampler applies; True when a control cannot be
+    read on this host (traced, or partly on other processes' devices). Inputs: arrays or
+    scalars, [B] or broadcastable."""
+    controls = (temperature, top_k, top_p)
+    if any(isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable)
+           for x in controls):
+        return True  # values not readable here
+    temperature, top_k, top_p = (np.asarray(x) for x in controls)
+    sampled = temperature > 0.0
+    return bool(np.any(sampled & (top_k > 0) & (top_k < vocab_size)) or np.any(sampled & (top_p < 1.0)))
 
 
 def _finish(greedy, inv_temperature, s, t, kept_max, kept_sum, chosen_z):
@@ -97,13 +112,16 @@ def top_p_threshold(mass_above, thr_k, top_p, active):
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("compute_entropy",))
-def sample_tokens_reference(logits, key_data, temperature, top_k, top_p, *, compute_entropy=True):
+@functools.partial(jax.jit, static_argnames=("compute_entropy", "may_truncate"))
+def sample_tokens_reference(logits, key_data, temperature, top_k, top_p, *, compute_entropy=True,
+                            may_truncate=True):
     """Pure-jnp sampler with the kernel's semantics and noise (see module docstring).
 
     logits: float32/bf16 [B, V]; key_data: uint32 [2] or [B, 2]; temperature: float32 [B]
     (0 = greedy); top_k: int32 [B] (0 or >= V = off); top_p: float32 [B] (1 = off).
     compute_entropy: False skips the entropy sum (entropies are then zeros).
+    may_truncate: False promises that no row has top-k or top-p on (the caller checked the
+    concrete controls): the threshold searches are then not compiled at all.
     Returns tokens int32 [B], logprobs float32 [B] (nats), entropies float32 [B] (nats).
     Work skipped at run time (``lax.cond``): the threshold searches when no row truncates, the
     noise when every row is greedy, and the kept-set pass when nothing is cut (it equals the
@@ -125,12 +143,15 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p, *, comp
 
     keys = float_key(z)
     k_active = use_top_k[:, 0]
-    thr_k = lax.cond(
+    no_threshold = lambda: jnp.full((num_rows,), KEY_NEG_INF, jnp.int32)
+    # Without truncation the conds below would always take their second branch: static here.
+    cond = lax.cond if may_truncate else (lambda _, on, off: off())
+    thr_k = cond(
         jnp.any(k_active),
         lambda: largest_key_where(
             lambda u: jnp.sum(keys >= u[:, None], axis=1) >= top_k, k_active
         ),
-        lambda: jnp.full((num_rows,), KEY_NEG_INF, jnp.int32),
+        no_threshold,
     )
 
     def mass_above(u):
@@ -138,10 +159,10 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p, *, comp
         return jnp.sum(jnp.where(kept, e, 0.0), axis=1)
 
     p_active = use_top_p[:, 0]
-    thr_p = lax.cond(
+    thr_p = cond(
         jnp.any(p_active),
         lambda: top_p_threshold(mass_above, thr_k, top_p, p_active),
-        lambda: jnp.full((num_rows,), KEY_NEG_INF, jnp.int32),
+        no_threshold,
     )
     threshold = jnp.maximum(thr_k, thr_p)[:, None]
 
@@ -164,7 +185,7 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p, *, comp
         return kept_max_safe, jnp.sum(jnp.exp((kept_z - kept_max_safe) * inv_temperature), axis=1, keepdims=True)
 
     # Nothing cut: the kept set is the whole vocabulary, whose max and sum are m and s.
-    kept_max_safe, kept_sum = lax.cond(
+    kept_max_safe, kept_sum = cond(
         jnp.any(use_top_k | use_top_p), kept_stats, lambda: (m_safe, s)
     )
     chosen_z = jnp.take_along_axis(z, tokens[:, None], axis=1)
@@ -190,6 +211,7 @@ def _sampling_kernel(
     num_tiles: int,
     masked_tail: bool,
     compute_entropy: bool,
+    may_truncate: bool,
 ):
     rows_per_block = token_ref.shape[0]
     shape = (rows_per_block, 1)
@@ -251,6 +273,7 @@ def _sampling_kernel(
         return jnp.max(flags.astype(jnp.int32)) > 0
 
     no_threshold = jnp.full(shape, KEY_NEG_INF, jnp.int32)
+    cond = lax.cond if may_truncate else (lambda _, on, off: off())  # see the reference
 
     def count_at_least(u):
         def tile_count(_, z):
@@ -258,7 +281,7 @@ def _sampling_kernel(
 
         return reduce_tiles(tile_count, jnp.zeros(shape, jnp.int32))
 
-    thr_k = lax.cond(
+    thr_k = cond(
         any_row(use_top_k),
         lambda: largest_key_where(lambda u: count_at_least(u) >= top_k, use_top_k),
         lambda: no_threshold,
@@ -273,7 +296,7 @@ def _sampling_kernel(
 
         return reduce_tiles(tile_mass, zeros_f)
 
-    thr_p = lax.cond(
+    thr_p = cond(
         any_row(use_top_p), lambda: top_p_threshold(mass_above, thr_k, top_p, use_top_p), lambda: no_threshold
     )
     threshold = jnp.maximum(thr_k, thr_p)
@@ -316,7 +339,7 @@ def _sampling_kernel(
 
 
 def _sample_tokens_pallas(logits, key_data, temperature, top_k, top_p, *, block_v, block_rows, pad_vocab, interpret,
-                          compute_entropy=True):
+                          compute_entropy=True, may_truncate=True):
     """pallas_call wrapper; shapes as in :func:`sample_tokens`."""
     num_rows, vocab_size = logits.shape
     if block_v <= 0 or block_v & (block_v - 1):
@@ -352,6 +375,7 @@ def _sample_tokens_pallas(logits, key_data, temperature, top_k, top_p, *, block_
         num_tiles=num_tiles,
         masked_tail=not pad_vocab,
         compute_entropy=compute_entropy,
+        may_truncate=may_truncate,
     )
     row_block = lambda width: pl.BlockSpec((block_rows, width), lambda i: (i, 0))
     tokens, logprobs, entropies = pl.pallas_call(
@@ -374,7 +398,8 @@ def _sample_tokens_pallas(logits, key_data, temperature, top_k, top_p, *, block_
 
 
 @functools.partial(
-    jax.jit, static_argnames=("impl", "block_v", "interpret", "block_rows", "pad_vocab", "compute_entropy")
+    jax.jit, static_argnames=("impl", "block_v", "interpret", "block_rows", "pad_vocab", "compute_entropy",
+                              "may_truncate")
 )
 def sample_tokens(
     logits,
@@ -389,6 +414,7 @@ def sample_tokens(
     block_rows=None,
     pad_vocab=None,
     compute_entropy=True,
+    may_truncate=True,
 ):
     """Sample one token per row; semantics in the module docstring.
 
@@ -402,6 +428,10 @@ def sample_tokens(
     instead of masked loads (default: True on TPU, which has no masked loads).
     interpret: run the Pallas kernel in interpret mode (default: when the backend is CPU).
     compute_entropy: False skips the entropy sum (entropies are zeros; log-probs unchanged).
+    may_truncate: False promises that no row has top-k (0 < k < V) or top-p (< 1) on, e.g.
+    after :func:`controls_may_truncate` on concrete controls; the threshold searches are then
+    not compiled (compile time; results identical). Rows that do truncate are then sampled
+    untruncated, so never pass False without checking.
     Returns (tokens int32 [B], logprobs float32 [B], entropies float32 [B]).
     """
     num_rows = logits.shape[0]
@@ -410,7 +440,7 @@ def sample_tokens(
     top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (num_rows,))
     if resolve_impl(impl) == "reference":
         return sample_tokens_reference(logits, key_data, temperature, top_k, top_p,
-                                       compute_entropy=compute_entropy)
+                                       compute_entropy=compute_entropy, may_truncate=may_truncate)
     backend = jax.default_backend()
     if interpret is None:
         interpret = backend == "cpu"
@@ -429,4 +459,5 @@ def sample_tokens(
         pad_vocab=pad_vocab,
         interpret=interpret,
         compute_entropy=compute_entropy,
+        may_truncate=may_truncate,
     )

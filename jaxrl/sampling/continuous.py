@@ -37,7 +37,7 @@ from jax import lax
 from jaxrl.kernels.backend import resolve_impl
 from jaxrl.kernels.noise import _GOLDEN  # the row-index multiplier of row_seeds (shifts rows)
 from jaxrl.kernels.noise import make_key_data
-from jaxrl.kernels.sampling import sample_tokens
+from jaxrl.kernels.sampling import controls_may_truncate, sample_tokens
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import Params, logits_from_hidden
 from jaxrl.sampling import paged_cache as pc
@@ -160,7 +160,8 @@ def _sample_and_record(state, params, plan: EnginePlan, hidden, key, controls, i
     logits = logits_from_hidden(params, plan.model_cfg, hidden)
     temperature, top_k, top_p = (c[row] for c in controls)
     token, logprob, entropy = sample_tokens(logits, row_key_data(key, row, gen, jnp.arange(s)),
-                                            temperature, top_k, top_p, impl=plan.sampler_impl)
+                                            temperature, top_k, top_p, impl=plan.sampler_impl,
+                                            may_truncate=plan.may_truncate)
     out_row = jnp.where(live, row, state["tokens"].shape[0])  # idle slots: dropped writes
     column = gen
     put = lambda name, value: state[name].at[out_row, column].set(value, mode="drop")
@@ -344,14 +345,14 @@ class ContinuousBackend:
             value = np.asarray(value, dtype)
             if value.ndim and value.shape != (num_prompts * n,):
                 raise ValueError(f"{name} must be a scalar or have shape [{num_prompts * n}], got {value.shape}")
-            return jnp.asarray(np.resize(np.broadcast_to(value, (num_prompts * n,)), padded * n))
+            return np.resize(np.broadcast_to(value, (num_prompts * n,)), padded * n)
 
         is_stop = jnp.zeros((self.model_cfg.vocab_size,), bool).at[jnp.asarray(self.stop_token_ids, jnp.int32)].set(True)
+        controls = (per_row("temperature", cfg.temperature if temperature is None else temperature, np.float32),
+                    per_row("top_k", cfg.top_k, np.int32), per_row("top_p", cfg.top_p if top_p is None else top_p, np.float32))
+        plan = dataclasses.replace(plan, may_truncate=controls_may_truncate(*controls, self.model_cfg.vocab_size))
         out = rollout(params, jnp.asarray(rows), jnp.asarray(lengths), jnp.int32(num_prompts), key,
-                      is_stop, jnp.int32(cfg.max_new_tokens),
-                      per_row("temperature", cfg.temperature if temperature is None else temperature, np.float32),
-                      per_row("top_k", cfg.top_k, np.int32), per_row("top_p", cfg.top_p if top_p is None else top_p, np.float32),
-                      plan=plan)
+                      is_stop, jnp.int32(cfg.max_new_tokens), *(jnp.asarray(c) for c in controls), plan=plan)
         num_rows, p_b = num_prompts * n, bucket_size(width, cfg.min_prompt_bucket)
         self._last = ({k: out[k] for k in ("rows_done", "iterations", "peak_pages", "free_pages")}, num_rows, plan)
         prompts_out = np.full((num_prompts, p_b), self.pad_id, np.int32)

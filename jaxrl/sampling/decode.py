@@ -118,7 +118,7 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
                 row_active: jax.Array, key: jax.Array, is_stop_token: jax.Array, limit: jax.Array,
                 temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *, prompt_width: int,
                 budget: int, pad_id: int, sampler_impl: str, attention_impl: str,
-                compute_entropy: bool, windows: tuple[int, ...]):
+                compute_entropy: bool, windows: tuple[int, ...], may_truncate: bool = True):
     """Sample up to ``limit`` (<= budget) tokens per row; stop per row on a stop token.
 
     k_cache, v_cache [L, B, K, S, hd] with S >= P_b (prompt in slots < P_b; split and grown
@@ -128,6 +128,8 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
     controls temperature/top_p f32 [B], top_k int32 [B]. Returns tokens int32, logprobs f32,
     entropies f32 (zeros when not ``compute_entropy``) [B, budget], lengths, finish [B].
     windows: the phases' attention widths (:func:`attention_windows`, last = P_b + budget).
+    may_truncate: False when no row has top-k/top-p on (checked by the caller on concrete
+    controls; the sampler is then compiled without its threshold searches).
     The loop exits when every row is done.
 
     Each loop iteration samples token ``step`` from the carried logits, then feeds it (slot
@@ -136,7 +138,7 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
     """
     num_rows = row_start.shape[0]
     sample = functools.partial(sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               impl=sampler_impl, compute_entropy=compute_entropy)
+                               impl=sampler_impl, compute_entropy=compute_entropy, may_truncate=may_truncate)
 
     def record(state, step, token, logprob, entropy):
         active = ~state["done"]

@@ -42,6 +42,7 @@ class EnginePlan:
     pad_id: int
     sampler_impl: str
     attention_impl: str
+    may_truncate: bool = True  # False: no row has top-k/top-p on (sampler compiled without them)
 
     @property
     def completion_pages(self) -> int:

@@ -46,6 +46,7 @@ import numpy as np
 
 from jaxrl.kernels.attention import pallas_supported
 from jaxrl.kernels.backend import IMPLS, resolve_impl
+from jaxrl.kernels.sampling import controls_may_truncate
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import (
     Params,
@@ -100,6 +101,7 @@ class _Plan:
     sampler_impl: str
     attention_impl: str
     compute_entropy: bool
+    may_truncate: bool  # False: no row has top-k/top-p on, the sampler is compiled without them
     windows: tuple[int, ...]
 
 
@@ -134,7 +136,7 @@ def _generate(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Arra
         is_stop_token, jnp.minimum(max_new_tokens, plan.new_tokens_bucket), temperature, top_k, top_p,
         prompt_width=width, budget=plan.new_tokens_bucket, pad_id=plan.pad_id,
         sampler_impl=plan.sampler_impl, attention_impl=plan.attention_impl,
-        compute_entropy=plan.compute_entropy, windows=plan.windows,
+        compute_entropy=plan.compute_entropy, may_truncate=plan.may_truncate, windows=plan.windows,
     )
     group_ids = jnp.arange(row_active.shape[0], dtype=jnp.int32) // n
     return (jnp.repeat(prompt_tokens, n, axis=0), row_lengths) + tuple(outputs) + (group_ids,)
@@ -242,6 +244,10 @@ def generate_from_params(params: Params, model_cfg: ModelConfig, prompt_tokens: 
         prompt_tokens = xp.pad(prompt_tokens, ((0, extra), (columns, 0)), constant_values=pad_id)
         prompt_lengths = xp.pad(prompt_lengths, (0, extra), constant_values=1)
 
+    num_rows, padded_rows = num_prompts * n, padded_prompts * n
+    controls = (_row_control("temperature", temperature, cfg.temperature, np.float32, num_rows, padded_rows, 0.0),
+                _row_control("top_k", top_k, cfg.top_k, np.int32, num_rows, padded_rows, 0),
+                _row_control("top_p", top_p, cfg.top_p, np.float32, num_rows, padded_rows, 1.0))
     budget = bucket_size(cfg.max_new_tokens, cfg.min_new_tokens_bucket)
     attention_impl = _attention_impl(cfg.attention_impl or cfg.impl, model_cfg.head_dim)
     plan = _Plan(
@@ -253,19 +259,17 @@ def generate_from_params(params: Params, model_cfg: ModelConfig, prompt_tokens: 
         sampler_impl=resolve_impl(cfg.sampler_impl or cfg.impl),
         attention_impl=attention_impl,
         compute_entropy=bool(cfg.compute_entropy),
+        # Concrete controls without top-k/top-p compile a sampler without the threshold
+        # searches (another program only when a later call turns truncation on).
+        may_truncate=controls_may_truncate(*controls, model_cfg.vocab_size),
         # Phases of live-length attention on the jnp path; the kernel bounds rows by itself.
         windows=attention_windows(prompt_width, prompt_width + budget, phased=attention_impl == "reference"),
     )
-    num_rows, padded_rows = num_prompts * n, padded_prompts * n
     is_stop_token = np.zeros((model_cfg.vocab_size,), bool)
     is_stop_token[list(stop_ids)] = True
     outputs = _generate(
         params, prompt_tokens, prompt_lengths, np.arange(padded_rows) < num_rows, key, is_stop_token,
-        np.int32(cfg.max_new_tokens),
-        _row_control("temperature", temperature, cfg.temperature, np.float32, num_rows, padded_rows, 0.0),
-        _row_control("top_k", top_k, cfg.top_k, np.int32, num_rows, padded_rows, 0),
-        _row_control("top_p", top_p, cfg.top_p, np.float32, num_rows, padded_rows, 1.0),
-        plan=plan,
+        np.int32(cfg.max_new_tokens), *controls, plan=plan,
     )
     keep = cfg.max_new_tokens
     if num_rows != padded_rows or keep != plan.new_tokens_bucket:  # bucket padding to drop
