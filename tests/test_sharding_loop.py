@@ -33,7 +33,7 @@ from tests.test_train_loop import tiny_model_dir  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Host-side metrics: functions of the sampled tokens and of counts (compared exactly).
-EXACT_PREFIXES = ("reward/", "accuracy", "rollout/response_length", "rollout/truncated_fraction",
+EXACT_PREFIXES = ("reward/", "accuracy", "rollout/response_length", "rollout/truncated_fraction", "rollout/length_fill",
                   "generated_tokens", "dynamic_sampling/", "rows_trained", "tokens", "update_", "lr", "data/",
                   "health/", "skipped_updates_total", "compiles/")
 

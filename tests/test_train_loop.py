@@ -141,6 +141,9 @@ def test_three_steps_finite_metrics_and_no_recompilation(tiny_model_dir, tmp_pat
             assert math.isfinite(metrics[key]), (key, metrics[key])
         assert metrics["update_skipped"] == 0.0
         assert metrics["rows_trained"] > 0
+        if algorithm == "grpo":  # one sampling round: Σ lengths / (B · max) = mean / max
+            expected = metrics["rollout/response_length_mean"] / metrics["rollout/response_length_max"]
+            assert abs(metrics["rollout/length_fill"] - expected) < 1e-12
     assert traces[1] == traces[3], "recompiled after the first step"
     if algorithm == "grpo":
         assert all("kl" in m and m["kl"] >= 0 for m in result.metrics)
@@ -165,3 +168,12 @@ def test_same_seed_gives_identical_metrics_for_four_steps(tiny_model_dir, tmp_pa
     for a, b in zip(jax.tree.leaves(runs[0].state.params), jax.tree.leaves(runs[1].state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert first[0]["loss"] != first[1]["loss"]  # the steps did different work
+
+
+def test_length_fill_by_hand():
+    from jaxrl.train.rollouts import length_fill
+
+    # Round 1: lengths 3, 1, 0, 4 -> 8 live row-steps of 4 rows x 4 steps; round 2: 2, 2 -> 4 of 4.
+    assert length_fill([np.array([3, 1, 0, 4]), np.array([2, 2])]) == 12 / 20
+    assert length_fill([np.array([5, 5, 5])]) == 1.0
+    assert length_fill([np.array([0, 0])]) == 1.0  # nothing generated: no wasted step

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl.data.token_budget import bucket_shapes, micro_rows, response_extent, sort_rows, width_index
+from jaxrl.train import micro_metrics
 from jaxrl.types import TrainBatch
 
 
@@ -105,15 +106,15 @@ def _micro_batch(batch: TrainBatch, select: jax.Array, index: jax.Array, valid: 
 
 
 def grads_by_budget(grad_fn: Callable, params: Any, batch: TrainBatch, select: jax.Array,
-                    totals: dict[str, jax.Array], *, budget: int, row_multiple: int,
-                    additive: tuple[str, ...]) -> tuple[Any, dict[str, jax.Array], jax.Array]:
+                    totals: dict[str, jax.Array], *, budget: int, row_multiple: int
+                    ) -> tuple[Any, dict[str, jax.Array], jax.Array]:
     """Summed gradients of token-budget micro-batches → (grads, metric sums, token weight).
 
     grad_fn(params, micro, select, totals) → ((loss, metrics), grads), the update's
     ``value_and_grad`` of one micro-batch. Rows with no valid loss token (``batch.loss_mask``)
     are not run at all: they add nothing to the loss, the gradient or any token-weighted metric.
-    Metric sums: ``additive`` metrics summed, ``ratio_max`` maxed, every other metric summed
-    times its micro-batch token count (divide by the returned weight).
+    Metric sums: :func:`jaxrl.train.micro_metrics.fold`'s (finish them with
+    :func:`~jaxrl.train.micro_metrics.finish` and the returned weight).
     """
     rows, t = batch.targets.shape
     p = batch.input_tokens.shape[1] - t
@@ -126,15 +127,8 @@ def grads_by_budget(grad_fn: Callable, params: Any, batch: TrainBatch, select: j
         micro_batch, micro_select = _micro_batch(batch, select, index, valid, p, width)
         (_, metrics), grads = grad_fn(params, micro_batch, micro_select, totals)
         weight = jnp.sum(micro_batch.loss_mask > 0, dtype=jnp.float32)
-        new = {}
-        for name, value in metrics.items():
-            if name in additive:
-                new[name] = sums[name] + value
-            elif name == "ratio_max":
-                new[name] = jnp.maximum(sums[name], value)
-            else:
-                new[name] = sums[name] + value * weight
-        return jax.tree.map(jnp.add, grads_sum, grads), new, weight_sum + weight
+        return (jax.tree.map(jnp.add, grads_sum, grads), micro_metrics.fold(sums, metrics, weight),
+                weight_sum + weight)
 
     carry = (jax.tree.map(jnp.zeros_like, params), {name: jnp.zeros((), jnp.float32) for name in metric_shapes},
              jnp.zeros((), jnp.float32))

@@ -267,9 +267,21 @@ def filter_metric(cfg: ml_collections.ConfigDict, scored: Scored) -> np.ndarray:
     return np.asarray(scored.rewards, np.float32)
 
 
+def length_fill(round_lengths: list[np.ndarray]) -> float:
+    """Σ response lengths / Σ (rows × longest response) over sampling rounds (each [B_r] ints):
+    the share of a length-synchronous decode's row-steps that fed a live row. The static engine
+    steps every row of a call until its longest row ends, so 1 - this is the decode work it
+    spent on finished rows; the continuous backend frees their slots instead. 1.0 when nothing
+    was generated."""
+    stepped = sum(len(lengths) * int(np.max(lengths, initial=0)) for lengths in round_lengths)
+    live = sum(int(np.sum(lengths)) for lengths in round_lengths)
+    return live / stepped if stepped else 1.0
+
+
 def _round_metrics(rounds: list[Scored]) -> dict[str, float]:
     generated = np.concatenate([s.lengths for s in rounds])
     return {
+        "rollout/length_fill": length_fill([s.lengths for s in rounds]),
         "reward/mean": float(np.mean(np.concatenate([s.rewards for s in rounds]))),
         "accuracy": float(np.mean(np.concatenate([s.correct for s in rounds]))),
         "rollout/response_length_mean": float(np.mean(generated)),

@@ -27,6 +27,7 @@ from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import decoder_hidden, unembedding
 from jaxrl.rl.logprobs import token_logprobs_and_entropy
 from jaxrl.rl.losses import LossConfig, policy_loss
+from jaxrl.train import micro_metrics
 from jaxrl.train.budget_step import grads_by_budget, logprobs_by_budget
 from jaxrl.types import TrainBatch
 
@@ -35,10 +36,6 @@ Params = Any
 # How many times each jitted function was traced (a trace = a new compilation). Tests and
 # the loop's metrics use it to prove there is no recompilation after the first step.
 TRACE_COUNTS: collections.Counter = collections.Counter()
-
-# Metrics of ``policy_loss`` that are already normalised by mini-batch totals: they add up
-# over micro-batches. Every other metric is a token-weighted mean, except ratio_max.
-_ADDITIVE_METRICS = ("loss", "pg_loss", "kl_loss", "entropy_bonus")
 
 
 @struct.dataclass
@@ -298,18 +295,9 @@ def make_update_fn(
             return grads_sum, (loss, metrics, weight)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (losses, micro_metrics, weights) = jax.lax.scan(accumulate, zeros, micro_batches)
+        grads, (losses, stacked_metrics, weights) = jax.lax.scan(accumulate, zeros, micro_batches)
 
-        metrics = {}
-        weight_total = jnp.maximum(jnp.sum(weights), 1.0)
-        for name, values in micro_metrics.items():
-            if name in _ADDITIVE_METRICS:
-                metrics[name] = jnp.sum(values)
-            elif name == "ratio_max":
-                metrics[name] = jnp.max(values)
-            else:
-                metrics[name] = jnp.sum(values * weights) / weight_total
-        return grads, jnp.sum(losses), metrics
+        return grads, jnp.sum(losses), micro_metrics.combine_stacked(stacked_metrics, weights)
 
     def update(state: TrainState, batch: TrainBatch, token_select: jax.Array):
         TRACE_COUNTS["update"] += 1
@@ -326,10 +314,8 @@ def make_update_fn(
         if micro_batch_tokens:
             grads, sums, weight_sum = grads_by_budget(
                 grad_fn, state.params, batch, select, totals, budget=micro_batch_tokens,
-                row_multiple=row_multiple, additive=_ADDITIVE_METRICS)
-            weight_total = jnp.maximum(weight_sum, 1.0)
-            metrics = {name: value if name in _ADDITIVE_METRICS or name == "ratio_max" else value / weight_total
-                       for name, value in sums.items()}
+                row_multiple=row_multiple)
+            metrics = micro_metrics.finish(sums, weight_sum)
             loss = metrics["loss"]
         else:
             grads, loss, metrics = accumulate_fixed(state.params, batch, select, totals)
