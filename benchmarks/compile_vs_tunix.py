@@ -176,8 +176,8 @@ def worker_jaxrl_phases(shape: str) -> dict:
                                                   init_kv_cache(cfg, tokens.shape[0], PROMPT_LEN), jnp.int32(0), mask)
         return logits_from_hidden(params, cfg, hidden[:, -1]), cache
 
-    def sampler(logits, key_data, t, k, p):
-        return sample_tokens_reference(logits, key_data, t, k, p, compute_entropy=True)
+    def sampler(logits, key_data, t, k, p, may_truncate=True):
+        return sample_tokens_reference(logits, key_data, t, k, p, compute_entropy=True, may_truncate=may_truncate)
 
     def step(params, token, k_cache, v_cache, with_sampler, key_data=None, t=None, k=None, p=None):
         hidden, k_cache, v_cache = decode_hidden(params, cfg, token, token, k_cache, v_cache, jnp.zeros_like(token),
@@ -199,6 +199,9 @@ def worker_jaxrl_phases(shape: str) -> dict:
         "prefill [8 x 64]": lambda: jax.jit(prefill).lower(params, jax.ShapeDtypeStruct((PROMPTS, PROMPT_LEN), i32)),
         "sampler [64 x V]": lambda: jax.jit(sampler).lower(jax.ShapeDtypeStruct((rows, cfg.vocab_size), f32),
                                                           key_data, *controls),
+        "sampler [64 x V], no top-k/top-p (may_truncate=False)": lambda: jax.jit(
+            functools.partial(sampler, may_truncate=False)).lower(
+            jax.ShapeDtypeStruct((rows, cfg.vocab_size), f32), key_data, *controls),
         "decode step, no sampler": lambda: jax.jit(functools.partial(step, with_sampler=False)).lower(
             params, tok, kv, kv),
         "decode step + sampler": lambda: jax.jit(functools.partial(step, with_sampler=True)).lower(

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrl.kernels.sampling import controls_may_truncate, make_key_data, sample_tokens
+from jaxrl.kernels.sampling import make_key_data, sample_tokens
+from jaxrl.kernels.sampling_controls import controls_may_truncate
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import Transformer, init_params
 from jaxrl.sampling import decode

@@ -41,7 +41,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -49,33 +48,11 @@ from jax.experimental.pallas import triton as plgpu
 from jaxrl.kernels.backend import resolve_impl
 from jaxrl.kernels.float_keys import KEY_NEG_INF, float_key, largest_key_where
 from jaxrl.kernels.noise import gumbel_from_seeds, gumbel_noise, make_key_data, per_row_key_words, row_seeds
+from jaxrl.kernels.sampling_controls import controls_may_truncate, row_controls
 
 __all__ = ["controls_may_truncate", "gumbel_noise", "make_key_data", "sample_tokens", "sample_tokens_reference"]
 
 _NEG_INF = float("-inf")
-
-
-def _row_controls(temperature, top_k, top_p, vocab_size):
-    """Per-row (greedy, 1/T as float32, top-k active, top-p active); any matching shapes."""
-    greedy = temperature <= 0.0
-    inv_temperature = (1.0 / jnp.where(greedy, 1.0, temperature)).astype(jnp.float32)
-    use_top_k = (~greedy) & (top_k > 0) & (top_k < vocab_size)
-    use_top_p = (~greedy) & (top_p < 1.0)
-    return greedy, inv_temperature, use_top_k, use_top_p
-
-
-def controls_may_truncate(temperature, top_k, top_p, vocab_size: int) -> bool:
-    """Whether any row of these per-row controls cuts the vocabulary (top-k with 0 < k < V or
-    top-p < 1 on a non-greedy row), the rule the sampler applies; True when a control cannot be
-    read on this host (traced, or partly on other processes' devices). Inputs: arrays or
-    scalars, [B] or broadcastable."""
-    controls = (temperature, top_k, top_p)
-    if any(isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable)
-           for x in controls):
-        return True  # values not readable here
-    temperature, top_k, top_p = (np.asarray(x) for x in controls)
-    sampled = temperature > 0.0
-    return bool(np.any(sampled & (top_k > 0) & (top_k < vocab_size)) or np.any(sampled & (top_p < 1.0)))
 
 
 def _finish(greedy, inv_temperature, s, t, kept_max, kept_sum, chosen_z):
@@ -129,7 +106,7 @@ def sample_tokens_reference(logits, key_data, temperature, top_k, top_p, *, comp
     """
     num_rows, vocab_size = logits.shape
     z = logits.astype(jnp.float32)
-    greedy, inv_temperature, use_top_k, use_top_p = _row_controls(
+    greedy, inv_temperature, use_top_k, use_top_p = row_controls(
         temperature[:, None], top_k[:, None], top_p[:, None], vocab_size
     )
     # Shifted in logit units before scaling, so the max entry has d = 0 exactly (no rounding
@@ -349,7 +326,7 @@ def _sample_tokens_pallas(logits, key_data, temperature, top_k, top_p, *, block_
     block_v = min(block_v, pl.next_power_of_2(vocab_size))
     num_tiles = pl.cdiv(vocab_size, block_v)
     seed0, seed1 = per_row_key_words(key_data, num_rows)
-    greedy, inv_temperature, use_top_k, use_top_p = _row_controls(
+    greedy, inv_temperature, use_top_k, use_top_p = row_controls(
         temperature, top_k, top_p, vocab_size
     )
     flags = greedy.astype(jnp.int32) + 2 * use_top_k.astype(jnp.int32) + 4 * use_top_p.astype(jnp.int32)

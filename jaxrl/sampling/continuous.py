@@ -37,7 +37,8 @@ from jax import lax
 from jaxrl.kernels.backend import resolve_impl
 from jaxrl.kernels.noise import _GOLDEN  # the row-index multiplier of row_seeds (shifts rows)
 from jaxrl.kernels.noise import make_key_data
-from jaxrl.kernels.sampling import controls_may_truncate, sample_tokens
+from jaxrl.kernels.sampling import sample_tokens
+from jaxrl.kernels.sampling_controls import controls_may_truncate
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import Params, logits_from_hidden
 from jaxrl.sampling import paged_cache as pc

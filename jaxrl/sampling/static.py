@@ -46,7 +46,7 @@ import numpy as np
 
 from jaxrl.kernels.attention import pallas_supported
 from jaxrl.kernels.backend import IMPLS, resolve_impl
-from jaxrl.kernels.sampling import controls_may_truncate
+from jaxrl.kernels.sampling_controls import controls_may_truncate
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import (
     Params,
