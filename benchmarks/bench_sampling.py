@@ -137,7 +137,7 @@ def guarded_call(fn, max_other: float, tries: int = 5) -> tuple[float, float]:
     return wall, other
 
 
-def _time(fn, repeats):
+def time_calls(fn, repeats):
     """(first-call seconds incl. compile, median seconds of ``repeats`` later calls)."""
     start = time.perf_counter()
     jax.block_until_ready(fn())
@@ -248,12 +248,12 @@ def naive_table(args, cfg, params, prompts, lengths, sampling) -> None:
     mask = jnp.ones(repeated.shape, bool)
     results = [
         ("naive (per-sample prefill, unfused sampling, step loop)",
-         _time(lambda: naive_generate(params, cfg, repeated, mask, args.new_tokens, key), args.repeats)),
+         time_calls(lambda: naive_generate(params, cfg, repeated, mask, args.new_tokens, key), args.repeats)),
         ("engine (n=1, prompts repeated: no fan-out)",
-         _time(lambda: generate_from_params(params, cfg, np.asarray(repeated), np.repeat(lengths, args.samples),
+         time_calls(lambda: generate_from_params(params, cfg, np.asarray(repeated), np.repeat(lengths, args.samples),
                                             1, sampling, key).tokens, args.repeats)),
         ("engine (prefill once, fan-out, fused sampler)",
-         _time(lambda: generate_from_params(params, cfg, prompts, lengths, args.samples, sampling,
+         time_calls(lambda: generate_from_params(params, cfg, prompts, lengths, args.samples, sampling,
                                             key).tokens, args.repeats)),
     ]
     generated = args.prompts * args.samples * args.new_tokens

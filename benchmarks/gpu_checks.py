@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_long_context import NARROW, loss_and_grad_fn
-from benchmarks.bench_sampling import bench_model_config
+from benchmarks.bench_sampling import bench_model_config, time_calls
 from jaxrl.kernels import attention as decode_kernels
 from jaxrl.kernels import backend, flash_attention
 from jaxrl.kernels.noise import make_key_data
@@ -86,19 +85,6 @@ class Report:
                      trace=traceback.format_exc(limit=4))
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call s incl. compile, median s of ``repeats`` later calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
-
-
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
@@ -128,8 +114,8 @@ def check_kernels(report: Report, smoke: bool, repeats: int) -> None:
     run_kernel = lambda: sample_tokens(logits, key_data, *controls, impl=impl)  # noqa: E731
     run_ref = lambda: sample_tokens(logits, key_data, *controls, impl="reference")  # noqa: E731
     (tk, lk, hk), (tr, lr, hr) = jax.block_until_ready(run_kernel()), jax.block_until_ready(run_ref())
-    _, kernel_s = _timed(run_kernel, repeats)
-    _, ref_s = _timed(run_ref, repeats)
+    _, kernel_s = time_calls(run_kernel, repeats)
+    _, ref_s = time_calls(run_ref, repeats)
     report.add("kernels/sampler", rows=rows, vocab=vocab, token_agreement=float(np.mean(np.asarray(tk) == np.asarray(tr))),
                max_logprob_diff=float(np.max(np.abs(np.asarray(lk) - np.asarray(lr)))),
                max_entropy_diff=float(np.max(np.abs(np.asarray(hk) - np.asarray(hr)))),
@@ -148,8 +134,8 @@ def check_kernels(report: Report, smoke: bool, repeats: int) -> None:
     run_kernel = lambda: decode_kernels.decode_attention_heads(q, kc, vc, bounds, impl=impl)  # noqa: E731
     run_ref = lambda: decode_kernels.decode_attention_heads(q, kc, vc, bounds, impl="reference")  # noqa: E731
     diff = float(jnp.max(jnp.abs(run_kernel().astype(jnp.float32) - run_ref().astype(jnp.float32))))
-    _, kernel_s = _timed(run_kernel, repeats)
-    _, ref_s = _timed(run_ref, repeats)
+    _, kernel_s = time_calls(run_kernel, repeats)
+    _, ref_s = time_calls(run_ref, repeats)
     cache_bytes = 2 * kc.size * kc.dtype.itemsize * float(np.mean(ends - starts)) / slots
     report.add("kernels/decode_attention", rows=b, kv_heads=k, slots=slots, max_abs_diff=diff,
                kernel_ms=kernel_s * 1e3, reference_ms=ref_s * 1e3,
@@ -169,8 +155,8 @@ def check_kernels(report: Report, smoke: bool, repeats: int) -> None:
     run_kernel = lambda: paged_attention(qp, kp, vp, tables, p_starts, p_ends, impl=impl)  # noqa: E731
     run_ref = lambda: paged_attention(qp, kp, vp, tables, p_starts, p_ends, impl="reference")  # noqa: E731
     diff = float(jnp.max(jnp.abs(run_kernel().astype(jnp.float32) - run_ref().astype(jnp.float32))))
-    _, kernel_s = _timed(run_kernel, repeats)
-    _, ref_s = _timed(run_ref, repeats)
+    _, kernel_s = time_calls(run_kernel, repeats)
+    _, ref_s = time_calls(run_ref, repeats)
     report.add("kernels/paged_attention", rows=b, slots=width, max_abs_diff=diff,
                kernel_ms=kernel_s * 1e3, reference_ms=ref_s * 1e3)
     assert diff < 3e-2, diff
@@ -210,7 +196,7 @@ def check_engine(report: Report, smoke: bool, repeats: int) -> None:
     dump_dir = tempfile.mkdtemp(prefix="gpu_checks_ir_")
     jax.config.update("jax_dump_ir_to", dump_dir)
     try:
-        first, median = _timed(call, repeats)
+        first, median = time_calls(call, repeats)
     finally:
         jax.config.update("jax_dump_ir_to", "")
     programs = [name for name in os.listdir(dump_dir) if "_generate" in name]
@@ -262,7 +248,7 @@ def check_long_context(report: Report, smoke: bool, repeats: int) -> None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
             args = (params, tokens, mask, positions, tokens[:, prompt:])
             compiled = loss_and_grad_fn(cfg, prompt, 512).lower(*args).compile()
-            _, step_s = _timed(lambda: compiled(*args), repeats)
+            _, step_s = time_calls(lambda: compiled(*args), repeats)
             report.add("long_context", impl=impl, seq_len=seq_len,
                        temp_mib=compiled.memory_analysis().temp_size_in_bytes / 2**20, step_s=step_s)
 
