@@ -2,7 +2,7 @@
 sampling engine's first call.
 
 Usage: python benchmarks/compile_time.py [--layers 2 16]
-       python benchmarks/compile_time.py --sampler small deep
+       python benchmarks/compile_time.py --sampler small deep [--new-tokens 128 --prompts 8 --samples 8]
 The first prints lowering+compile seconds per depth and the ratio to the shallowest. The
 second runs the engine's first call on each ``bench_sampling`` shape (8 prompts x 8 samples,
 64-token prompts, 128 new tokens) and prints how many programs it compiled and the seconds
@@ -48,16 +48,17 @@ _EVENTS: collections.defaultdict = collections.defaultdict(list)
 jax.monitoring.register_event_duration_secs_listener(lambda name, secs, **_: _EVENTS[name].append(secs))
 
 
-def sampler_first_call(shape: str) -> tuple[int, float, float, float]:
+def sampler_first_call(shape: str, new_tokens: int = 128, prompts_n: int = 8, samples: int = 8
+                       ) -> tuple[int, float, float, float]:
     """(programs compiled, trace s, lower s, backend-compile s, wall s) of the engine's first
-    call on the ``bench_sampling`` shape ``shape``."""
+    call on the ``bench_sampling`` shape ``shape`` (64-token prompts, no stop)."""
     cfg = bench_model_config(shape)
     params = jax.block_until_ready(init_params(cfg, jax.random.key(0)))
-    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (8, 64)).astype(np.int32)
-    sampling = SamplingConfig(max_prompt_tokens=64, max_new_tokens=128, stop_token_ids=())
+    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (prompts_n, 64)).astype(np.int32)
+    sampling = SamplingConfig(max_prompt_tokens=64, max_new_tokens=new_tokens, stop_token_ids=())
     _EVENTS.clear()
     start = time.perf_counter()
-    jax.block_until_ready(generate_from_params(params, cfg, prompts, np.full((8,), 64, np.int32), 8,
+    jax.block_until_ready(generate_from_params(params, cfg, prompts, np.full((prompts_n,), 64, np.int32), samples,
                                                sampling, jax.random.key(1)).tokens)
     wall = time.perf_counter() - start
     compiles = _EVENTS["/jax/core/compile/backend_compile_duration"]
@@ -69,12 +70,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 16])
     parser.add_argument("--sampler", nargs="+", choices=["small", "deep", "1b"])
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode budget of the --sampler call")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts of the --sampler call")
+    parser.add_argument("--samples", type=int, default=8, help="samples per prompt of the --sampler call")
     args = parser.parse_args()
     if args.sampler:
         print(f"| shape | programs compiled | trace s | lower s | compile s | first call s |")
         print(f"|-------|------------------:|--------:|--------:|----------:|-------------:|")
         for shape in args.sampler:
-            count, trace, lower, comp, wall = sampler_first_call(shape)
+            count, trace, lower, comp, wall = sampler_first_call(shape, args.new_tokens, args.prompts, args.samples)
             print(f"| {shape} | {count} | {trace:.2f} | {lower:.2f} | {comp:.2f} | {wall:.2f} |")
         return
     compile_seconds(1)  # warm up tracing machinery

@@ -48,9 +48,34 @@ def test_reference_fast_paths_match_numpy(mode):
 
 def test_attention_windows():
     assert decode.attention_windows(64, 192) == (128, 192)
-    assert decode.attention_windows(16, 4096 + 16) == (128, 256, 512, 1024, 2048, 4096, 4112)
+    # 4,112 slots: the first window is >= 4112 / 16 (512), and 4,096 is within 1/64 of 4,112.
+    assert decode.attention_windows(16, 4096 + 16) == (512, 1024, 2048, 4112)
+    assert decode.attention_windows(16, 4096) == (256, 512, 1024, 2048, 4096)
+    # The DAPO shape: 2k prompt bucket + 20k budget; short prompts + 20k: 5 phases (was 9).
+    assert decode.attention_windows(2048, 2048 + 20480) == (4096, 8192, 16384, 22528)
+    assert decode.attention_windows(64, 64 + 20480) == (2048, 4096, 8192, 16384, 20544)
     assert decode.attention_windows(256, 320) == (320,)  # no window leaves room past the prompt
     assert decode.attention_windows(16, 4112, phased=False) == (4112,)
+
+
+def test_skipped_phases_cost_few_reads():
+    """The phases kept read at most 2% more slots than one phase per power of two would
+    (the old rule), summed over a full decode; the reads are counted slot by slot here."""
+    def reads(windows, prompt, total):
+        return sum(next(w for w in windows if slot < w) for slot in range(prompt, total))
+
+    def old_rule(prompt, total):
+        windows, width = [], decode.MIN_WINDOW
+        while width < total:
+            if width > prompt:
+                windows.append(width)
+            width *= 2
+        return tuple(windows) + (total,)
+
+    for prompt, total in ((16, 4112), (64, 20544), (2048, 22528), (64, 192), (128, 1152), (64, 1088),
+                          (64, 2112), (16, 1040), (512, 8704), (64, 4160)):
+        new = reads(decode.attention_windows(prompt, total), prompt, total)
+        assert new <= 1.02 * reads(old_rule(prompt, total), prompt, total), (prompt, total)
 
 
 @pytest.fixture(scope="module")
