@@ -239,6 +239,11 @@ def main() -> None:
         compare_with_hf(args, cfg, params, prompts, lengths, sampling)
     if args.naive:
         naive_table(args, cfg, params, prompts, lengths, sampling)
+    if args.no_hf and not args.naive:  # the engine alone (no peer, no guard)
+        first, median = time_calls(lambda: generate_from_params(params, cfg, prompts, lengths, args.samples, sampling,
+                                                                jax.random.key(1)).tokens, args.repeats)
+        tokens = args.prompts * args.samples * args.new_tokens
+        print(f"jaxrl engine: {tokens / median:.0f} tokens/s (median {median:.3f} s, first call {first:.2f} s)")
 
 
 def naive_table(args, cfg, params, prompts, lengths, sampling) -> None:
