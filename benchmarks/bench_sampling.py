@@ -1,7 +1,7 @@
 """Generated tokens/s of the sampling engine vs HuggingFace ``generate`` (and a naive sampler).
 
 Usage: python benchmarks/bench_sampling.py [--shape small|deep|1b] [--prompts 8] [--samples 8]
-           [--prompt-len 64] [--new-tokens 128] [--repeats 5] [--impl auto] [--dtype float32]
+           [--prompt-len 64] [--new-tokens 128] [--repeats 5] [--impl auto] [--dtype float32] [--cpu-threads 1]
            [--no-hf] [--naive] [--max-other 0.3]
 
 Models (random weights, saved once as HF safetensors and loaded by both sides):
@@ -166,6 +166,20 @@ def hf_generate_fn(directory: str, prompts: np.ndarray, samples: int, new_tokens
     return run
 
 
+def engine_fn(args, cfg, params, prompts, lengths, sampling):
+    """A callable returning jaxrl's tokens for the benchmark's prompts (computed): the engine
+    itself, or with ``--cpu-threads`` k > 1 the static rollout backend running k concurrent
+    engine calls (``sampling.cpu_threads``)."""
+    if args.cpu_threads > 1:
+        from jaxrl.sampling.backend import StaticBackend
+
+        backend = StaticBackend(cfg, sampling.replace(cpu_threads=args.cpu_threads), None)
+        return lambda: jax.block_until_ready(backend.generate(params, prompts, lengths, args.samples,
+                                                              jax.random.key(1)).tokens)
+    return lambda: jax.block_until_ready(generate_from_params(params, cfg, prompts, lengths, args.samples,
+                                                              sampling, jax.random.key(1)).tokens)
+
+
 def compare_with_hf(args, cfg, params, prompts, lengths, sampling) -> None:
     """Interleaved (HF, jaxrl, HF) x repeats, guarded; prints the table and the ratio."""
     from jaxrl.models.hf_io import save_pretrained
@@ -181,9 +195,7 @@ def compare_with_hf(args, cfg, params, prompts, lengths, sampling) -> None:
         hf_first = time.perf_counter() - start
         assert out.shape == (rows, args.prompt_len + args.new_tokens), out.shape
 
-        def ours():
-            return jax.block_until_ready(generate_from_params(params, cfg, prompts, lengths, args.samples,
-                                                              sampling, jax.random.key(1)).tokens)
+        ours = engine_fn(args, cfg, params, prompts, lengths, sampling)
         start = time.perf_counter()
         ours()
         ours_first = time.perf_counter() - start
@@ -203,7 +215,8 @@ def compare_with_hf(args, cfg, params, prompts, lengths, sampling) -> None:
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 10}|{'-' * 14}|")
     print(f"| {'HF generate (torch eager, ' + str(2 * args.repeats) + ' calls)':<40} | {hf_rate:>9.0f} | "
           f"{statistics.median(hf_times):>8.3f} | {hf_first:>12.2f} |")
-    print(f"| {'jaxrl engine (' + str(args.repeats) + ' calls)':<40} | {ours_rate:>9.0f} | "
+    label = f"jaxrl engine{', ' + str(args.cpu_threads) + ' threads' if args.cpu_threads > 1 else ''} ({args.repeats} calls)"
+    print(f"| {label:<40} | {ours_rate:>9.0f} | "
           f"{statistics.median(ours_times):>8.3f} | {ours_first:>12.2f} |")
     print(f"jaxrl / HF = {ours_rate / hf_rate:.2f}x")
 
@@ -219,6 +232,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"])
     parser.add_argument("--no-hf", action="store_true", help="skip the HF comparison")
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="jaxrl through the static backend with sampling.cpu_threads = this (CPU)")
     parser.add_argument("--naive", action="store_true", help="also time the naive sampler rows")
     parser.add_argument("--max-other", type=float, default=0.3,
                         help="cores other processes may use during a timed call before it is retried")
@@ -240,8 +255,7 @@ def main() -> None:
     if args.naive:
         naive_table(args, cfg, params, prompts, lengths, sampling)
     if args.no_hf and not args.naive:  # the engine alone (no peer, no guard)
-        first, median = time_calls(lambda: generate_from_params(params, cfg, prompts, lengths, args.samples, sampling,
-                                                                jax.random.key(1)).tokens, args.repeats)
+        first, median = time_calls(engine_fn(args, cfg, params, prompts, lengths, sampling), args.repeats)
         tokens = args.prompts * args.samples * args.new_tokens
         print(f"jaxrl engine: {tokens / median:.0f} tokens/s (median {median:.3f} s, first call {first:.2f} s)")
 

@@ -88,6 +88,7 @@ def sampling_config(cfg: ml_collections.ConfigDict, *, temperature: float | None
         top_p=cfg.sampling.top_p if top_p is None else top_p,
         stop_token_ids=stop_ids,
         compute_entropy=rollout_entropy_needed(cfg) if compute_entropy is None else compute_entropy,
+        cpu_threads=cfg.sampling.cpu_threads,
     )
 
 

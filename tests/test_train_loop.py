@@ -177,3 +177,26 @@ def test_length_fill_by_hand():
     assert length_fill([np.array([3, 1, 0, 4]), np.array([2, 2])]) == 12 / 20
     assert length_fill([np.array([5, 5, 5])]) == 1.0
     assert length_fill([np.array([0, 0])]) == 1.0  # nothing generated: no wasted step
+
+
+def test_cpu_threads_reach_the_rollout_backend(tiny_model_dir, tmp_path):
+    """sampling.cpu_threads=2: the loop's backend splits the 2 prompts into two concurrent
+    engine calls (each prompt's key fold_in(key, first)), and the run completes."""
+    from jaxrl.sampling import backend as backend_module
+
+    cfg = tiny_config(tiny_model_dir, str(tmp_path), train__num_steps=1)
+    cfg.sampling.cpu_threads = 2
+    calls = []
+    original = backend_module.generate_from_params
+
+    def recording(params, model_cfg, tokens, lengths, n, sampling_cfg, key, **kwargs):
+        calls.append((tokens.shape[0], sampling_cfg.cpu_threads))
+        return original(params, model_cfg, tokens, lengths, n, sampling_cfg, key, **kwargs)
+
+    backend_module.generate_from_params = recording
+    try:
+        result = loop.train(cfg)
+    finally:
+        backend_module.generate_from_params = original
+    assert result.stop_reason == "completed"
+    assert (1, 2) in calls and all(rows == 1 for rows, _ in calls[:2])  # the step's 2 prompts, 1 per call

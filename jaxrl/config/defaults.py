@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 64  # maximum response length L_max
     c.sampling.backend = "static"  # rollout backend (jaxrl.sampling.backend registry)
     c.sampling.max_rows_per_call = 0  # cap on rows (prompts x n) decoded at once (KV-cache memory); 0 = all
+    # static backend, single-process CPU only: decode the rows as this many concurrent engine
+    # calls on host threads (one XLA:CPU program uses ~1 core); 1 = one call
+    c.sampling.cpu_threads = 1
     # Stop ids: the model's (config.json + generation_config.json eos ids), these ids, and each
     # stop string that is one token; longer stop strings are matched in text after sampling
     # (the completion is cut there and the tokens after the cut leave the loss: data/stops.py).

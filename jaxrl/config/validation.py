@@ -218,6 +218,21 @@ def _check_combinations(cfg) -> None:
             f"sampling.max_rows_per_call={cfg.sampling.max_rows_per_call} must be 0 (no cap) or at least "
             f"rl.samples_per_prompt={cfg.rl.samples_per_prompt} (one group)"
         )
+    threads = cfg.sampling.cpu_threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"sampling.cpu_threads must be an int >= 1, got {threads!r}")
+    if threads > 1 and cfg.sampling.backend != "static":
+        raise ConfigError(f"sampling.cpu_threads={threads} works with sampling.backend='static' only, "
+                          f"got {cfg.sampling.backend!r}")
+    if threads > 1 and (cfg.distributed.num_processes or 0) > 1:
+        raise ConfigError(f"sampling.cpu_threads={threads} is for one process; this run has "
+                          f"distributed.num_processes={cfg.distributed.num_processes}")
+    if threads > 1:
+        import jax  # single process (checked above): reading the backend cannot race an initialize
+
+        if jax.default_backend() != "cpu":
+            raise ConfigError(f"sampling.cpu_threads={threads} is for CPU runs; this one runs on "
+                              f"{jax.default_backend()!r} (leave it at 1)")
     for spec in cfg.rewards.custom:
         rewarder_spec(spec)
 

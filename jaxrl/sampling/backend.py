@@ -18,12 +18,14 @@ parameters it is handed at each call, in chunks of at most ``max_rows_per_call``
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl.kernels.backend import resolve_impl
 from jaxrl.models.config import ModelConfig
 from jaxrl.sampling.config import SamplingConfig
 from jaxrl.sampling.static import generate_from_params
@@ -94,6 +96,22 @@ def prompts_per_call(num_prompts: int, n: int, max_rows_per_call: int) -> int:
     return max(1, min(num_prompts, max_rows_per_call // n))
 
 
+def _check_cpu_threads(sampling_cfg: SamplingConfig, mesh: jax.sharding.Mesh | None) -> None:
+    """Concurrent engine calls are for one process on the CPU with the jnp kernels only: other
+    processes would dispatch their collectives in another order, and Pallas interpret-mode
+    callbacks can deadlock with concurrent work."""
+    threads = sampling_cfg.cpu_threads
+    if jax.default_backend() != "cpu" or jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
+        raise ValueError(f"sampling.cpu_threads={threads} needs a single-process CPU run on one device "
+                         f"(backend {jax.default_backend()!r}, {jax.process_count()} processes, mesh of "
+                         f"{1 if mesh is None else mesh.size} devices); set it to 1")
+    impls = {resolve_impl(sampling_cfg.sampler_impl or sampling_cfg.impl),
+             resolve_impl(sampling_cfg.attention_impl or sampling_cfg.impl)}
+    if impls != {"reference"}:
+        raise ValueError(f"sampling.cpu_threads={threads} needs the jnp kernels (impl 'auto' or "
+                         f"'reference'), not the Pallas interpreter")
+
+
 @register_backend("static")
 class StaticBackend:
     """The jitted engine of :mod:`jaxrl.sampling.static`, called chunk by chunk (see the
@@ -107,6 +125,9 @@ class StaticBackend:
         self.max_rows_per_call = int(max_rows_per_call)
         self.pad_id = sampling_cfg.resolved_pad_id(model_cfg)
         self.stop_token_ids = sampling_cfg.resolved_stop_token_ids(model_cfg)
+        self.threads = int(sampling_cfg.cpu_threads)
+        if self.threads > 1:
+            _check_cpu_threads(sampling_cfg, mesh)
 
     def update_params(self, params) -> None:
         """No-op: this backend is handed the parameters at each ``generate``."""
@@ -133,9 +154,11 @@ class StaticBackend:
                              f"{prompt_tokens.shape} and {prompt_lengths.shape}")
         num_prompts = prompt_tokens.shape[0]
         chunk = prompts_per_call(num_prompts, n, self.max_rows_per_call)
+        if self.threads > 1:
+            chunk = min(chunk, -(-num_prompts // self.threads))
         starts = range(0, num_prompts, chunk)
-        parts = []
-        for first in starts:
+
+        def run(first: int) -> Rollout:
             tokens_in, lengths_in = prompt_tokens[first:first + chunk], prompt_lengths[first:first + chunk]
             real = tokens_in.shape[0]
             if real < chunk:  # static shape: no recompile on the tail
@@ -150,5 +173,14 @@ class StaticBackend:
             if len(starts) == 1:
                 return rollout
             rollout = rollout.replace(group_ids=rollout.group_ids + first)
-            parts.append(jax.tree.map(lambda x: x[: real * n], rollout))
+            return jax.tree.map(lambda x: x[: real * n], rollout)
+
+        if self.threads > 1 and len(starts) > 1:
+            # XLA:CPU runs a program on the calling thread: concurrent calls use more cores.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=self.threads) as pool:
+                parts = list(pool.map(lambda first: jax.block_until_ready(run(first)), starts))
+        else:
+            parts = [run(first) for first in starts]
+        if len(parts) == 1:
+            return parts[0]
         return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)

@@ -264,6 +264,9 @@ class ContinuousBackend:
                  max_rows_per_call: int = 0, slots: int | None = None, page_size: int = 16,
                  prefill_chunk: int | None = None, pages: int | None = None):
         self.model_cfg, self.sampling_cfg, self.mesh = model_cfg, sampling_cfg, mesh
+        if sampling_cfg.cpu_threads != 1:
+            raise ValueError(f"sampling.cpu_threads={sampling_cfg.cpu_threads} is for the static backend; "
+                             f"the continuous backend runs one rollout loop (set it to 1)")
         self.pad_id = sampling_cfg.resolved_pad_id(model_cfg)
         self.stop_token_ids = sampling_cfg.resolved_stop_token_ids(model_cfg)
         self.slots = int(slots or (max_rows_per_call if max_rows_per_call > 0 else 64))
