@@ -255,9 +255,15 @@ def main() -> None:
     if args.naive:
         naive_table(args, cfg, params, prompts, lengths, sampling)
     if args.no_hf and not args.naive:  # the engine alone (no peer, no guard)
-        first, median = time_calls(engine_fn(args, cfg, params, prompts, lengths, sampling), args.repeats)
+        run = engine_fn(args, cfg, params, prompts, lengths, sampling)
+        first, median = time_calls(run, args.repeats)
+        cpu_start, wall_start = _own_seconds(), time.perf_counter()
+        for _ in range(args.repeats):
+            run()
+        cores = (_own_seconds() - cpu_start) / (time.perf_counter() - wall_start)
         tokens = args.prompts * args.samples * args.new_tokens
-        print(f"jaxrl engine: {tokens / median:.0f} tokens/s (median {median:.3f} s, first call {first:.2f} s)")
+        print(f"jaxrl engine: {tokens / median:.0f} tokens/s (median {median:.3f} s, first call {first:.2f} s); "
+              f"cores used {cores:.2f} (process CPU time / wall time over {args.repeats} more calls)")
 
 
 def naive_table(args, cfg, params, prompts, lengths, sampling) -> None:

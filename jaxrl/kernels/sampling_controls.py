@@ -4,7 +4,6 @@ whether a program needs the threshold searches at all)."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,12 +20,11 @@ def row_controls(temperature, top_k, top_p, vocab_size: int, xp=jnp):
 
 
 def controls_may_truncate(temperature, top_k, top_p, vocab_size: int) -> bool:
-    """Whether any row of these controls has top-k or top-p on (:func:`row_controls`); True
-    when a control cannot be read on this host (traced, or partly on other processes'
-    devices). Inputs: numpy / jax arrays [B] or scalars."""
+    """Whether any row of these host controls (numpy arrays [B] or scalars) has top-k or top-p
+    on (:func:`row_controls`). A control passed as None (its values are not readable on this
+    host, e.g. traced) counts as truncating."""
     controls = (temperature, top_k, top_p)
-    if any(isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable)
-           for x in controls):
-        return True  # values not readable here
+    if any(x is None for x in controls):
+        return True
     _, _, use_top_k, use_top_p = row_controls(*(np.asarray(x) for x in controls), vocab_size, xp=np)
     return bool(np.any(use_top_k) or np.any(use_top_p))

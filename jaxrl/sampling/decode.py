@@ -43,6 +43,15 @@ LAST_WINDOW_SLACK = 1 / 64  # no phase for a window within 1/64 of the full cach
 #                             would read <= 1.6% fewer slots than the last phase's)
 
 
+def bucket_size(length: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(length, minimum) (``minimum`` itself a power of two): the
+    engines' shape buckets and the decode phases' windows."""
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    target = max(int(length), int(minimum), 1)
+    return 1 << (target - 1).bit_length()
+
+
 def attention_windows(prompt_width: int, total_slots: int, phased: bool = True) -> tuple[int, ...]:
     """Static attention widths of the decode phases, ascending: powers of two from
     max(MIN_WINDOW, total_slots / FIRST_WINDOW_FRACTION rounded up to a power of two) that
@@ -50,7 +59,7 @@ def attention_windows(prompt_width: int, total_slots: int, phased: bool = True) 
     LAST_WINDOW_SLACK of the full cache, then ``total_slots``. ``phased=False`` gives one
     phase over every slot (the Pallas kernel bounds by itself)."""
     windows = []
-    width = max(MIN_WINDOW, 1 << max(-(-total_slots // FIRST_WINDOW_FRACTION) - 1, 0).bit_length())
+    width = bucket_size(-(-total_slots // FIRST_WINDOW_FRACTION), MIN_WINDOW)
     while phased and width * (1 + LAST_WINDOW_SLACK) < total_slots:
         if width > prompt_width:
             windows.append(width)

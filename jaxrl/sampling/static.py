@@ -57,7 +57,7 @@ from jaxrl.models.transformer import (
     positions_from_mask,
 )
 from jaxrl.sampling.config import SamplingConfig
-from jaxrl.sampling.decode import attention_windows, decode_loop
+from jaxrl.sampling.decode import attention_windows, bucket_size, decode_loop  # bucket_size: re-exported
 from jaxrl.sampling.kv_cache import fan_out
 from jaxrl.types import Rollout
 
@@ -69,14 +69,6 @@ _TRACE_COUNTS: collections.Counter = collections.Counter()
 def trace_count() -> int:
     """Total number of traces of the engine's jitted prefill and decode functions so far."""
     return sum(_TRACE_COUNTS.values())
-
-
-def bucket_size(length: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(length, minimum) (``minimum`` itself a power of two)."""
-    if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
-    target = max(int(length), int(minimum), 1)
-    return 1 << (target - 1).bit_length()
 
 
 def _attention_impl(impl: str, head_dim: int) -> str:
@@ -261,7 +253,7 @@ def generate_from_params(params: Params, model_cfg: ModelConfig, prompt_tokens: 
         compute_entropy=bool(cfg.compute_entropy),
         # Concrete controls without top-k/top-p compile a sampler without the threshold
         # searches (another program only when a later call turns truncation on).
-        may_truncate=controls_may_truncate(*controls, model_cfg.vocab_size),
+        may_truncate=controls_may_truncate(*(_concrete(c) for c in controls), model_cfg.vocab_size),
         # Phases of live-length attention on the jnp path; the kernel bounds rows by itself.
         windows=attention_windows(prompt_width, prompt_width + budget, phased=attention_impl == "reference"),
     )
