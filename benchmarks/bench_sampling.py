@@ -1,7 +1,7 @@
 """Generated tokens/s of the sampling engine vs HuggingFace ``generate`` (and a naive sampler).
 
 Usage: python benchmarks/bench_sampling.py [--shape small|deep|1b] [--prompts 8] [--samples 8]
-           [--prompt-len 64] [--new-tokens 128] [--repeats 5] [--impl auto] [--dtype float32] [--cpu-threads 1]
+           [--prompt-len 64] [--new-tokens 128] [--repeats 5] [--impl auto] [--dtype float32] [--cpu-threads 0]
            [--no-hf] [--naive] [--max-other 0.3]
 
 Models (random weights, saved once as HF safetensors and loaded by both sides):
@@ -10,6 +10,10 @@ Models (random weights, saved once as HF safetensors and loaded by both sides):
   1b     Qwen3-1.7B-like: vocab 151936, hidden 2048, 28 layers, 16 q / 8 kv heads, hd 128
 T = 1, no stop tokens, so every row generates exactly ``new_tokens`` tokens and tokens/s =
 rows * new_tokens / seconds. Compile time is excluded (one warm-up call each) and printed.
+
+jaxrl runs as a default config runs it: the static rollout backend with ``sampling.cpu_threads``
+= 0 (auto: as many concurrent engine calls as available cores, on CPU); ``--cpu-threads 1`` times
+the engine alone (one program on ~one core), k > 1 forces k threads.
 
 HF vs jaxrl: torch ``generate`` (eager, DynamicCache, do_sample, top_k=0, top_p=1,
 num_return_sequences = samples, min_new_tokens = max_new_tokens) on the same weights and
@@ -167,17 +171,21 @@ def hf_generate_fn(directory: str, prompts: np.ndarray, samples: int, new_tokens
 
 
 def engine_fn(args, cfg, params, prompts, lengths, sampling):
-    """A callable returning jaxrl's tokens for the benchmark's prompts (computed): the engine
-    itself, or with ``--cpu-threads`` k > 1 the static rollout backend running k concurrent
-    engine calls (``sampling.cpu_threads``)."""
-    if args.cpu_threads > 1:
+    """A callable returning jaxrl's tokens for the benchmark's prompts (computed), and its
+    label: with ``--cpu-threads`` 1 the engine itself (one program); otherwise the static
+    rollout backend with ``sampling.cpu_threads`` = that value (0 = auto, the default config's:
+    k concurrent engine calls, k = the available cores where threads can run)."""
+    if args.cpu_threads != 1:
         from jaxrl.sampling.backend import StaticBackend
 
         backend = StaticBackend(cfg, sampling.replace(cpu_threads=args.cpu_threads), None)
-        return lambda: jax.block_until_ready(backend.generate(params, prompts, lengths, args.samples,
-                                                              jax.random.key(1)).tokens)
-    return lambda: jax.block_until_ready(generate_from_params(params, cfg, prompts, lengths, args.samples,
-                                                              sampling, jax.random.key(1)).tokens)
+        auto = " (auto)" if args.cpu_threads == 0 else ""
+        return (lambda: jax.block_until_ready(backend.generate(params, prompts, lengths, args.samples,
+                                                               jax.random.key(1)).tokens),
+                f"jaxrl, {backend.threads} threads{auto}")
+    return (lambda: jax.block_until_ready(generate_from_params(params, cfg, prompts, lengths, args.samples,
+                                                               sampling, jax.random.key(1)).tokens),
+            "jaxrl engine, 1 call")
 
 
 def compare_with_hf(args, cfg, params, prompts, lengths, sampling) -> None:
@@ -195,7 +203,7 @@ def compare_with_hf(args, cfg, params, prompts, lengths, sampling) -> None:
         hf_first = time.perf_counter() - start
         assert out.shape == (rows, args.prompt_len + args.new_tokens), out.shape
 
-        ours = engine_fn(args, cfg, params, prompts, lengths, sampling)
+        ours, label = engine_fn(args, cfg, params, prompts, lengths, sampling)
         start = time.perf_counter()
         ours()
         ours_first = time.perf_counter() - start
@@ -215,7 +223,7 @@ def compare_with_hf(args, cfg, params, prompts, lengths, sampling) -> None:
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 10}|{'-' * 14}|")
     print(f"| {'HF generate (torch eager, ' + str(2 * args.repeats) + ' calls)':<40} | {hf_rate:>9.0f} | "
           f"{statistics.median(hf_times):>8.3f} | {hf_first:>12.2f} |")
-    label = f"jaxrl engine{', ' + str(args.cpu_threads) + ' threads' if args.cpu_threads > 1 else ''} ({args.repeats} calls)"
+    label = f"{label} ({args.repeats} calls)"
     print(f"| {label:<40} | {ours_rate:>9.0f} | "
           f"{statistics.median(ours_times):>8.3f} | {ours_first:>12.2f} |")
     print(f"jaxrl / HF = {ours_rate / hf_rate:.2f}x")
@@ -232,8 +240,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"])
     parser.add_argument("--no-hf", action="store_true", help="skip the HF comparison")
-    parser.add_argument("--cpu-threads", type=int, default=1,
-                        help="jaxrl through the static backend with sampling.cpu_threads = this (CPU)")
+    parser.add_argument("--cpu-threads", type=int, default=0,
+                        help="jaxrl through the static backend with sampling.cpu_threads = this (0 = auto, "
+                             "the default config's); 1 = the engine itself, one call")
     parser.add_argument("--naive", action="store_true", help="also time the naive sampler rows")
     parser.add_argument("--max-other", type=float, default=0.3,
                         help="cores other processes may use during a timed call before it is retried")
@@ -255,14 +264,14 @@ def main() -> None:
     if args.naive:
         naive_table(args, cfg, params, prompts, lengths, sampling)
     if args.no_hf and not args.naive:  # the engine alone (no peer, no guard)
-        run = engine_fn(args, cfg, params, prompts, lengths, sampling)
+        run, label = engine_fn(args, cfg, params, prompts, lengths, sampling)
         first, median = time_calls(run, args.repeats)
         cpu_start, wall_start = _own_seconds(), time.perf_counter()
         for _ in range(args.repeats):
             run()
         cores = (_own_seconds() - cpu_start) / (time.perf_counter() - wall_start)
         tokens = args.prompts * args.samples * args.new_tokens
-        print(f"jaxrl engine: {tokens / median:.0f} tokens/s (median {median:.3f} s, first call {first:.2f} s); "
+        print(f"{label}: {tokens / median:.0f} tokens/s (median {median:.3f} s, first call {first:.2f} s); "
               f"cores used {cores:.2f} (process CPU time / wall time over {args.repeats} more calls)")
 
 

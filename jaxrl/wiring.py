@@ -88,7 +88,9 @@ def sampling_config(cfg: ml_collections.ConfigDict, *, temperature: float | None
         top_p=cfg.sampling.top_p if top_p is None else top_p,
         stop_token_ids=stop_ids,
         compute_entropy=rollout_entropy_needed(cfg) if compute_entropy is None else compute_entropy,
-        cpu_threads=cfg.sampling.cpu_threads,
+        # Threaded decoding blocks on its rows; the overlapped loop needs a sampler that returns
+        # at once, so "auto" keeps one call there.
+        cpu_threads=1 if cfg.sampling.cpu_threads == 0 and cfg.rl.rollout_staleness else cfg.sampling.cpu_threads,
     )
 
 

@@ -46,7 +46,7 @@ def write_experiment(path, model_dir, root, body=""):
         ("", ["--config.rl.loss.entropy_rho=1.5"], "rl.loss.entropy_rho must be in (0, 1]"),
         ("", ["--config.rl.mini_batch_prompts=3"], "rl.mini_batch_prompts=3 must divide"),
         ("", ["--config.sampling.max_rows_per_call=2"], "sampling.max_rows_per_call=2 must be 0"),
-        ("", ["--config.sampling.cpu_threads=0"], "sampling.cpu_threads must be an int >= 1"),
+        ("", ["--config.sampling.cpu_threads=-1"], "sampling.cpu_threads must be an int >= 0"),
         ("", ["--config.sampling.cpu_threads=2", "--config.sampling.backend=continuous"],
          "sampling.cpu_threads=2 works with sampling.backend='static' only"),
         ("", ["--config.distributed.coordinator_address=localhost:1234"],

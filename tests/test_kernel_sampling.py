@@ -211,6 +211,20 @@ def test_key_data_shapes_and_noise_range():
         gumbel_noise(jnp.zeros((3, 2), jnp.uint32), 4, 8)
 
 
+def test_shifted_key_data_draws_the_later_rows_noise():
+    """shift_rows(key data, 3) makes rows 0..1 draw rows 3..4 of the unshifted noise (shared
+    and per-row key data, scalar and per-row offsets)."""
+    from jaxrl.kernels.noise import shift_rows
+
+    key_data = make_key_data(jax.random.key(1), 7)
+    whole = np.asarray(gumbel_noise(key_data, 6, 64))
+    np.testing.assert_array_equal(gumbel_noise(shift_rows(key_data, 3), 2, 64), whole[3:5])
+    per_row = jax.random.bits(jax.random.key(2), (6, 2), jnp.uint32)
+    whole = np.asarray(gumbel_noise(per_row, 6, 64))
+    moved = shift_rows(per_row[jnp.array([4, 1])], jnp.array([4, 0]))
+    np.testing.assert_array_equal(gumbel_noise(moved, 2, 64), whole[jnp.array([4, 1])])
+
+
 CHI_SQUARE_LOGITS = np.log(
     np.array([0.22, 0.16, 0.13, 0.11, 0.09, 0.08, 0.07, 0.05, 0.04, 0.03, 0.015, 0.005])
 ).astype(np.float32)

@@ -1,5 +1,6 @@
-"""Rollout backends: the "static" backend equals the engine, chunking keeps greedy rows and the
-training path's keys, the registry names unknown backends."""
+"""Rollout backends: the "static" backend equals the engine, chunks (max_rows_per_call, CPU
+threads) draw the whole batch's noise, "auto" threads resolve where they can run, the registry
+names unknown backends."""
 
 import jax
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import init_params
-from jaxrl.sampling.backend import StaticBackend, make_backend
+from jaxrl.sampling.backend import MAX_AUTO_CPU_THREADS, StaticBackend, available_cpu_cores, make_backend, resolve_cpu_threads
 from jaxrl.sampling.config import SamplingConfig
 from jaxrl.sampling.static import generate_from_params
 from jaxrl.sharding.mesh import make_mesh
@@ -15,8 +16,10 @@ from jaxrl.sharding.mesh import make_mesh
 MODEL_CFG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
                         num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, eos_token_id=2,
                         pad_token_id=0)
+# One engine call per generate (no threads): these tests compare floats bit for bit, and a
+# different chunk size may round a matmul differently.
 CFG = SamplingConfig(max_prompt_tokens=8, max_new_tokens=6, min_prompt_bucket=8,
-                     min_new_tokens_bucket=8, impl="reference")
+                     min_new_tokens_bucket=8, impl="reference", cpu_threads=1)
 N_SAMPLES = 2
 FIELDS = ("prompt_tokens", "prompt_lengths", "tokens", "lengths", "finish_reason", "group_ids")
 
@@ -75,20 +78,24 @@ def test_chunked_greedy_equals_unchunked(params, prompts):
     _assert_rows_equal(got, _host(whole), exact_floats=False)
 
 
-def test_chunks_sample_with_the_training_keys(params, prompts):
-    """Chunk at prompt ``first`` samples with key (first == 0) or fold_in(key, first); the padded
-    tail chunk gives its real rows what an unpadded call gives them."""
+def test_chunks_draw_the_whole_batch_noise(params, prompts):
+    """Chunk at prompt ``first`` is the engine's call on its prompts with ``first_prompt=first``
+    (bit for bit; the padded tail chunk's real rows too), and the chunked T = 1 rollout samples
+    the very tokens of the unchunked one: every row draws the same noise either way. Only the
+    matmuls' rounding can differ between batch sizes (~1e-7 here), which could flip a token only
+    at a Gumbel near-tie of that size: the tokens are compared exactly, the floats at 1e-5."""
     tokens, lengths = prompts
     key = jax.random.key(5)
-    backend = StaticBackend(MODEL_CFG, CFG, None, max_rows_per_call=4)
-    got = _host(backend.generate(params, tokens, lengths, N_SAMPLES, key))
+    got = _host(StaticBackend(MODEL_CFG, CFG, None, max_rows_per_call=4).generate(params, tokens, lengths,
+                                                                                  N_SAMPLES, key))
     for first in (0, 2, 4):
-        chunk_key = key if first == 0 else jax.random.fold_in(key, first)
         want = _host(generate_from_params(params, MODEL_CFG, tokens[first:first + 2], lengths[first:first + 2],
-                                          N_SAMPLES, CFG, chunk_key))
-        want["group_ids"] = want["group_ids"] + first
+                                          N_SAMPLES, CFG, key, first_prompt=first))
         rows = slice(first * N_SAMPLES, (first + 2) * N_SAMPLES)
-        _assert_rows_equal({name: value[rows] for name, value in got.items()}, want, exact_floats=False)
+        _assert_rows_equal({name: value[rows] for name, value in got.items()}, want)
+    whole = _host(StaticBackend(MODEL_CFG, CFG, None).generate(params, tokens, lengths, N_SAMPLES, key))
+    _assert_rows_equal(got, whole, exact_floats=False)
+    assert len(np.unique(got["tokens"], axis=0)) > 5  # sampled rows, not one repeated row
 
 
 def test_unknown_backend_raises_naming_it():
@@ -137,9 +144,26 @@ def test_cpu_threads_run_the_chunks_concurrently_with_their_keys(params, prompts
                                                        N_SAMPLES, CFG, key)))
 
 
+def test_auto_cpu_threads_resolve_where_threads_can_run(params, prompts):
+    """cpu_threads=0 ("auto"): the available cores (at most the cap) on this single-process CPU
+    run with the jnp kernels, 1 with the Pallas interpreter or the continuous backend (no
+    error); the auto-threaded rollout samples the single call's tokens."""
+    auto = CFG.replace(cpu_threads=0)
+    assert resolve_cpu_threads(auto, None) == min(available_cpu_cores(), MAX_AUTO_CPU_THREADS)
+    assert resolve_cpu_threads(auto.replace(impl="pallas"), None) == 1
+    assert resolve_cpu_threads(CFG.replace(cpu_threads=3), None) == 3
+    from jaxrl.sampling.continuous import ContinuousBackend
+
+    ContinuousBackend(MODEL_CFG, auto, None)
+    key = jax.random.key(8)
+    threaded = StaticBackend(MODEL_CFG, auto.replace(cpu_threads=2), None).generate(params, *prompts, N_SAMPLES, key)
+    single = StaticBackend(MODEL_CFG, CFG, None).generate(params, *prompts, N_SAMPLES, key)
+    _assert_rows_equal(_host(threaded), _host(single), exact_floats=False)
+
+
 def test_cpu_threads_refused_where_they_cannot_run():
     with pytest.raises(ValueError, match="cpu_threads"):
-        SamplingConfig(cpu_threads=0)
+        SamplingConfig(cpu_threads=-1)
     with pytest.raises(ValueError, match="Pallas interpreter"):
         StaticBackend(MODEL_CFG, CFG.replace(cpu_threads=2, impl="pallas"), None)
     from jaxrl.sampling.continuous import ContinuousBackend

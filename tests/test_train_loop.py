@@ -181,7 +181,7 @@ def test_length_fill_by_hand():
 
 def test_cpu_threads_reach_the_rollout_backend(tiny_model_dir, tmp_path):
     """sampling.cpu_threads=2: the loop's backend splits the 2 prompts into two concurrent
-    engine calls (each prompt's key fold_in(key, first)), and the run completes."""
+    engine calls (the second with first_prompt=1), and the run completes."""
     from jaxrl.sampling import backend as backend_module
 
     cfg = tiny_config(tiny_model_dir, str(tmp_path), train__num_steps=1)

@@ -82,8 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.backend = "static"  # rollout backend (jaxrl.sampling.backend registry)
     c.sampling.max_rows_per_call = 0  # cap on rows (prompts x n) decoded at once (KV-cache memory); 0 = all
     # static backend, single-process CPU only: decode the rows as this many concurrent engine
-    # calls on host threads (one XLA:CPU program uses ~1 core); 1 = one call
-    c.sampling.cpu_threads = 1
+    # calls on host threads (one XLA:CPU program uses ~1 core); 1 = one call; 0 = auto (the
+    # available cores, at most 8, where threads can run; 1 with rl.rollout_staleness=1, whose
+    # overlap needs a sampler that returns before its rows are computed)
+    c.sampling.cpu_threads = 0
     # Stop ids: the model's (config.json + generation_config.json eos ids), these ids, and each
     # stop string that is one token; longer stop strings are matched in text after sampling
     # (the completion is cut there and the tokens after the cut leave the loss: data/stops.py).

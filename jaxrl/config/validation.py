@@ -219,8 +219,8 @@ def _check_combinations(cfg) -> None:
             f"rl.samples_per_prompt={cfg.rl.samples_per_prompt} (one group)"
         )
     threads = cfg.sampling.cpu_threads
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ConfigError(f"sampling.cpu_threads must be an int >= 1, got {threads!r}")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ConfigError(f"sampling.cpu_threads must be an int >= 0 (0 = auto), got {threads!r}")
     if threads > 1 and cfg.sampling.backend != "static":
         raise ConfigError(f"sampling.cpu_threads={threads} works with sampling.backend='static' only, "
                           f"got {cfg.sampling.backend!r}")
@@ -232,7 +232,7 @@ def _check_combinations(cfg) -> None:
 
         if jax.default_backend() != "cpu":
             raise ConfigError(f"sampling.cpu_threads={threads} is for CPU runs; this one runs on "
-                              f"{jax.default_backend()!r} (leave it at 1)")
+                              f"{jax.default_backend()!r} (set it to 0 = auto, or 1)")
     for spec in cfg.rewards.custom:
         rewarder_spec(spec)
 

@@ -67,6 +67,23 @@ def make_key_data(key: jax.Array, step: jax.Array | int) -> jax.Array:
     return jax.random.bits(jax.random.fold_in(key, step), (2,), jnp.uint32)
 
 
+def shift_rows(key_data: jax.Array, offset: jax.Array | int) -> jax.Array:
+    """Key data under which sampler row r draws the noise of row ``r + offset``.
+
+    key_data: uint32 [2] or [B, 2]; offset: int32 scalar or [B]. ``row_seeds`` hashes
+    ``seed1 + row * GOLDEN``, so adding ``offset * GOLDEN`` to the second word (wrapping) moves
+    every row by ``offset``: a chunk of rows starting at global row ``offset`` draws exactly the
+    whole batch's noise for its rows, and a slot can draw the noise of the row it holds.
+    """
+    key_data = jnp.asarray(key_data)
+    if key_data.dtype != jnp.uint32:
+        raise TypeError(f"key_data must be uint32, got {key_data.dtype}")
+    words = lax.bitcast_convert_type(key_data, jnp.int32)
+    shifted = words[..., 1] + jnp.asarray(offset, jnp.int32) * _GOLDEN
+    return lax.bitcast_convert_type(jnp.stack([jnp.broadcast_to(words[..., 0], shifted.shape), shifted], axis=-1),
+                                    jnp.uint32)
+
+
 def per_row_key_words(key_data: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
     """Two int32 [num_rows] key words from uint32 [2] or [num_rows, 2] key data."""
     key_data = jnp.asarray(key_data)

@@ -7,18 +7,24 @@ built by name (:func:`make_backend`) from factories registered with :func:`regis
 parameters it is handed at each call, in chunks of at most ``max_rows_per_call`` rows:
 
 * chunk = N prompts if ``max_rows_per_call <= 0``, else ``max(1, min(N, cap // n))``;
-* the chunk starting at prompt ``first`` samples with ``key`` when ``first == 0`` and with
-  ``jax.random.fold_in(key, first)`` otherwise, so a rollout depends only on (params,
-  prompts, n, key, chunk size);
+* the chunk starting at prompt ``first`` passes ``first_prompt=first`` to the engine: its
+  rows draw the noise of rows ``first * n + r`` of the whole batch under the call's ``key``,
+  so a rollout depends only on (params, prompts, n, key) and not on the chunking, up to float
+  rounding of the batch-size-dependent matmuls (which can flip a token only at a near-tie);
 * a short tail chunk is padded to the full chunk with copies of its first prompt (static
   shapes: no recompile) and the padding rows are dropped;
 * with a mesh, each chunk's prompts are placed on it with the batch rule (rows over
-  (data, fsdp), replicated where they do not divide).
+  (data, fsdp), replicated where they do not divide);
+* on a single-process CPU run the chunks run on ``cpu_threads`` host threads at once (one
+  XLA:CPU program uses about one core); "auto" (0) is the cores this process may use, at most
+  ``MAX_AUTO_CPU_THREADS``, and 1 wherever threads do not apply.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import os
 from typing import Callable, Protocol
 
 import jax
@@ -96,20 +102,48 @@ def prompts_per_call(num_prompts: int, n: int, max_rows_per_call: int) -> int:
     return max(1, min(num_prompts, max_rows_per_call // n))
 
 
-def _check_cpu_threads(sampling_cfg: SamplingConfig, mesh: jax.sharding.Mesh | None) -> None:
-    """Concurrent engine calls are for one process on the CPU with the jnp kernels only: other
-    processes would dispatch their collectives in another order, and Pallas interpret-mode
-    callbacks can deadlock with concurrent work."""
-    threads = sampling_cfg.cpu_threads
+MAX_AUTO_CPU_THREADS = 8  # "auto" threads cap: measured on 2 cores only; chunks shrink with k
+
+
+def _cpu_threads_unsupported(sampling_cfg: SamplingConfig, mesh: jax.sharding.Mesh | None) -> str | None:
+    """Why concurrent engine calls cannot run here, or None. They are for one process on the
+    CPU with the jnp kernels only: other processes would dispatch their collectives in another
+    order, and Pallas interpret-mode callbacks can deadlock with concurrent work."""
     if jax.default_backend() != "cpu" or jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
-        raise ValueError(f"sampling.cpu_threads={threads} needs a single-process CPU run on one device "
-                         f"(backend {jax.default_backend()!r}, {jax.process_count()} processes, mesh of "
-                         f"{1 if mesh is None else mesh.size} devices); set it to 1")
+        return (f"needs a single-process CPU run on one device (backend {jax.default_backend()!r}, "
+                f"{jax.process_count()} processes, mesh of {1 if mesh is None else mesh.size} devices)")
     impls = {resolve_impl(sampling_cfg.sampler_impl or sampling_cfg.impl),
              resolve_impl(sampling_cfg.attention_impl or sampling_cfg.impl)}
     if impls != {"reference"}:
-        raise ValueError(f"sampling.cpu_threads={threads} needs the jnp kernels (impl 'auto' or "
-                         f"'reference'), not the Pallas interpreter")
+        return "needs the jnp kernels (impl 'auto' or 'reference'), not the Pallas interpreter"
+    return None
+
+
+def available_cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_cpu_threads(sampling_cfg: SamplingConfig, mesh: jax.sharding.Mesh | None) -> int:
+    """Host threads the static backend decodes on: ``sampling_cfg.cpu_threads`` when >= 1
+    (ValueError where more than 1 cannot run); for 0 ("auto") the available cores, at most
+    ``MAX_AUTO_CPU_THREADS``, where threads can run, else 1."""
+    requested = int(sampling_cfg.cpu_threads)
+    reason = _cpu_threads_unsupported(sampling_cfg, mesh) if requested != 1 else None
+    if requested == 0:
+        return 1 if reason else min(available_cpu_cores(), MAX_AUTO_CPU_THREADS)
+    if reason and requested > 1:
+        raise ValueError(f"sampling.cpu_threads={requested} {reason}; set it to 1 or 0 (auto)")
+    return requested
+
+
+@functools.partial(jax.jit, static_argnames="rows")
+def _join_chunks(parts: list[Rollout], rows: int) -> Rollout:
+    """The chunks' rollouts end to end, cut to the first ``rows`` rows (drops the tail chunk's
+    padding): one program for every field."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:rows], *parts)
 
 
 @register_backend("static")
@@ -125,9 +159,7 @@ class StaticBackend:
         self.max_rows_per_call = int(max_rows_per_call)
         self.pad_id = sampling_cfg.resolved_pad_id(model_cfg)
         self.stop_token_ids = sampling_cfg.resolved_stop_token_ids(model_cfg)
-        self.threads = int(sampling_cfg.cpu_threads)
-        if self.threads > 1:
-            _check_cpu_threads(sampling_cfg, mesh)
+        self.threads = resolve_cpu_threads(sampling_cfg, mesh)
 
     def update_params(self, params) -> None:
         """No-op: this backend is handed the parameters at each ``generate``."""
@@ -164,23 +196,18 @@ class StaticBackend:
             if real < chunk:  # static shape: no recompile on the tail
                 tokens_in = np.concatenate([tokens_in, np.repeat(tokens_in[:1], chunk - real, axis=0)])
                 lengths_in = np.concatenate([lengths_in, np.repeat(lengths_in[:1], chunk - real)])
-            rollout = generate_from_params(
+            return generate_from_params(
                 params, self.model_cfg, self._place(tokens_in, ("batch", None)),
-                self._place(lengths_in, ("batch",)), n, self.sampling_cfg,
-                key if first == 0 else jax.random.fold_in(key, first),
-                temperature=temperature, top_p=top_p,
+                self._place(lengths_in, ("batch",)), n, self.sampling_cfg, key,
+                temperature=temperature, top_p=top_p, first_prompt=first,
             )
-            if len(starts) == 1:
-                return rollout
-            rollout = rollout.replace(group_ids=rollout.group_ids + first)
-            return jax.tree.map(lambda x: x[: real * n], rollout)
 
         if self.threads > 1 and len(starts) > 1:
-            # XLA:CPU runs a program on the calling thread: concurrent calls use more cores.
+            # XLA:CPU runs a program on about one core: concurrent calls use more of them.
             with concurrent.futures.ThreadPoolExecutor(max_workers=self.threads) as pool:
                 parts = list(pool.map(lambda first: jax.block_until_ready(run(first)), starts))
         else:
             parts = [run(first) for first in starts]
         if len(parts) == 1:
             return parts[0]
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+        return _join_chunks(parts, num_prompts * n)

@@ -37,8 +37,10 @@ class SamplingConfig:
         rollout entropies (the forking-token mask) need it.
     cpu_threads: the static backend on a single-process CPU run splits the rows into this many
         chunks of whole prompts and decodes them concurrently, one engine call per host thread
-        (one XLA:CPU program uses about one core; 2 threads on 2 cores decode ~2x faster). Each
-        chunk draws its noise from its own key, as with ``max_rows_per_call`` chunks. 1 = one call.
+        (one XLA:CPU program uses about one core; 2 threads on 2 cores decode ~1.7x faster).
+        Chunks draw the whole batch's noise for their rows, so the count does not change what
+        is sampled (up to float rounding). 0 = auto: the available cores (at most 8) where
+        threads can run, else 1; 1 = one call; > 1 is refused where threads cannot run.
     """
 
     max_prompt_tokens: int = 512
@@ -55,7 +57,7 @@ class SamplingConfig:
     min_new_tokens_bucket: int = 16
     min_batch_bucket: int = 1
     compute_entropy: bool = True
-    cpu_threads: int = 1
+    cpu_threads: int = 0
 
     def __post_init__(self):
         for name in ("max_prompt_tokens", "max_new_tokens"):
@@ -81,8 +83,8 @@ class SamplingConfig:
                 continue
             if value not in IMPLS:
                 raise ValueError(f"SamplingConfig.{name}={value!r} must be one of {IMPLS}")
-        if not isinstance(self.cpu_threads, (int, np.integer)) or isinstance(self.cpu_threads, bool) or self.cpu_threads < 1:
-            raise ValueError(f"SamplingConfig.cpu_threads must be an int >= 1, got {self.cpu_threads!r}")
+        if not isinstance(self.cpu_threads, (int, np.integer)) or isinstance(self.cpu_threads, bool) or self.cpu_threads < 0:
+            raise ValueError(f"SamplingConfig.cpu_threads must be an int >= 0 (0 = auto), got {self.cpu_threads!r}")
         if not isinstance(self.compute_entropy, (bool, np.bool_)):
             raise ValueError(f"SamplingConfig.compute_entropy must be a bool, got {self.compute_entropy!r}")
         for name in ("min_prompt_bucket", "min_new_tokens_bucket", "min_batch_bucket"):

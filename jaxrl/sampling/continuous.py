@@ -35,8 +35,7 @@ import numpy as np
 from jax import lax
 
 from jaxrl.kernels.backend import resolve_impl
-from jaxrl.kernels.noise import _GOLDEN  # the row-index multiplier of row_seeds (shifts rows)
-from jaxrl.kernels.noise import make_key_data
+from jaxrl.kernels.noise import make_key_data, shift_rows
 from jaxrl.kernels.sampling import sample_tokens
 from jaxrl.kernels.sampling_controls import controls_may_truncate
 from jaxrl.models.config import ModelConfig
@@ -60,15 +59,13 @@ def row_key_data(key: jax.Array, rows: jax.Array, token_index: jax.Array, slots:
                  ) -> jax.Array:
     """uint32 [S, 2] sampler key words for slots holding ``rows`` at ``token_index`` (int32 [S]).
 
-    The sampler hashes the slot index s into the noise (``row_seeds(w0, w1, s)``, which adds
-    ``s * GOLDEN`` to w1); adding ``(row - s) * GOLDEN`` to w1 makes slot s draw exactly the
-    noise of row ``row`` at step ``token_index`` of the static engine (key words of
+    The sampler hashes the slot index s into the noise; shifting it by ``row - s``
+    (:func:`~jaxrl.kernels.noise.shift_rows`) makes slot s draw exactly the noise of row
+    ``row`` at step ``token_index`` of the static engine (key words of
     ``fold_in(key, token_index)``).
     """
     words = jax.vmap(lambda g: make_key_data(key, g))(token_index)
-    words = lax.bitcast_convert_type(words, jnp.int32)
-    shifted = words[:, 1] + (rows - slots) * _GOLDEN
-    return lax.bitcast_convert_type(jnp.stack([words[:, 0], shifted], axis=1), jnp.uint32)
+    return shift_rows(words, rows - slots)
 
 
 def _admit(state, plan: EnginePlan, prompt_lengths):
@@ -264,9 +261,9 @@ class ContinuousBackend:
                  max_rows_per_call: int = 0, slots: int | None = None, page_size: int = 16,
                  prefill_chunk: int | None = None, pages: int | None = None):
         self.model_cfg, self.sampling_cfg, self.mesh = model_cfg, sampling_cfg, mesh
-        if sampling_cfg.cpu_threads != 1:
+        if sampling_cfg.cpu_threads > 1:
             raise ValueError(f"sampling.cpu_threads={sampling_cfg.cpu_threads} is for the static backend; "
-                             f"the continuous backend runs one rollout loop (set it to 1)")
+                             f"the continuous backend runs one rollout loop (set it to 0 or 1)")
         self.pad_id = sampling_cfg.resolved_pad_id(model_cfg)
         self.stop_token_ids = sampling_cfg.resolved_stop_token_ids(model_cfg)
         self.slots = int(slots or (max_rows_per_call if max_rows_per_call > 0 else 64))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrl.kernels.attention import decode_attention_heads
-from jaxrl.kernels.noise import make_key_data
+from jaxrl.kernels.noise import make_key_data, shift_rows
 from jaxrl.kernels.sampling import sample_tokens
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import Params, _block, embed, logits_from_hidden, rms_norm, rope_inverse_frequencies
@@ -136,7 +136,8 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
                 row_active: jax.Array, key: jax.Array, is_stop_token: jax.Array, limit: jax.Array,
                 temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *, prompt_width: int,
                 budget: int, pad_id: int, sampler_impl: str, attention_impl: str,
-                compute_entropy: bool, windows: tuple[int, ...], may_truncate: bool = True):
+                compute_entropy: bool, windows: tuple[int, ...], may_truncate: bool = True,
+                row_offset: jax.Array | int = 0):
     """Sample up to ``limit`` (<= budget) tokens per row; stop per row on a stop token.
 
     k_cache, v_cache [L, B, K, S, hd] with S >= P_b (prompt in slots < P_b; split and grown
@@ -148,6 +149,8 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
     windows: the phases' attention widths (:func:`attention_windows`, last = P_b + budget).
     may_truncate: False when no row has top-k/top-p on (checked by the caller on concrete
     controls; the sampler is then compiled without its threshold searches).
+    row_offset: int32 scalar, the global index of row 0: row r draws the noise of row
+    ``row_offset + r``, so a batch decoded in chunks draws the whole batch's noise.
     The loop exits when every row is done.
 
     Each loop iteration samples token ``step`` from the carried logits, then feeds it (slot
@@ -191,7 +194,7 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
 
     def decode_step(state):
         step = state["step"]
-        state = record(state, step, *sample(state["logits"], make_key_data(key, step)))
+        state = record(state, step, *sample(state["logits"], shift_rows(make_key_data(key, step), row_offset)))
         # Feed completion token ``step`` into slot P_b + step.
         hidden, k_new, v_new = decode_hidden(
             params, cfg, state["last_token"], prompt_lengths + step, state["k"], state["v"],

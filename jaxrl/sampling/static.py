@@ -29,8 +29,9 @@ prompt token, so a teacher-forced ``forward`` over ``[prompt; completion]`` with
 positions sees the same inputs.
 
 Sampling controls (temperature, top-k, top-p; T == 0 is greedy) are per-row device arrays,
-so changing them never recompiles; noise is a pure function of (key, step, row), so a key
-reproduces a rollout exactly.
+so changing them never recompiles; noise is a pure function of (key, step, global row), so a
+key reproduces a rollout exactly, and a batch decoded in chunks (``first_prompt``) draws the
+noise of the whole batch.
 """
 
 from __future__ import annotations
@@ -100,13 +101,14 @@ class _Plan:
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _generate(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Array, row_active: jax.Array,
               key: jax.Array, is_stop_token: jax.Array, max_new_tokens: jax.Array, temperature: jax.Array,
-              top_k: jax.Array, top_p: jax.Array, *, plan: _Plan):
+              top_k: jax.Array, top_p: jax.Array, first_prompt: jax.Array, *, plan: _Plan):
     """The whole engine as one program: pad, prefill once, fan out, decode.
 
     prompt_tokens int32 [N_b, W] left-padded (W <= P_b; bucket-padding rows included),
     prompt_lengths int32 [N_b]; row-shaped inputs have B = N_b * n rows: row_active bool
     (False = bucket padding), temperature / top_p f32, top_k int32; is_stop_token bool [V];
-    max_new_tokens int32 scalar (<= bucket). Returns prompt_tokens [B, P_b], prompt lengths
+    max_new_tokens int32 scalar (<= bucket); first_prompt int32 scalar: the global index of
+    prompt 0 (noise of row first_prompt * n + r, group ids from first_prompt). Returns prompt_tokens [B, P_b], prompt lengths
     [B], tokens / logprobs / entropies [B, new_tokens_bucket], lengths, finish, group ids [B].
     """
     _TRACE_COUNTS["generate"] += 1
@@ -129,8 +131,9 @@ def _generate(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Arra
         prompt_width=width, budget=plan.new_tokens_bucket, pad_id=plan.pad_id,
         sampler_impl=plan.sampler_impl, attention_impl=plan.attention_impl,
         compute_entropy=plan.compute_entropy, may_truncate=plan.may_truncate, windows=plan.windows,
+        row_offset=first_prompt * n,
     )
-    group_ids = jnp.arange(row_active.shape[0], dtype=jnp.int32) // n
+    group_ids = jnp.arange(row_active.shape[0], dtype=jnp.int32) // n + first_prompt
     return (jnp.repeat(prompt_tokens, n, axis=0), row_lengths) + tuple(outputs) + (group_ids,)
 
 
@@ -190,7 +193,7 @@ def _check_prompt_lengths(prompt_lengths, width: int, cfg: SamplingConfig) -> No
 
 def generate_from_params(params: Params, model_cfg: ModelConfig, prompt_tokens: jax.Array,
                          prompt_lengths: jax.Array, n: int, cfg: SamplingConfig, key: jax.Array,
-                         *, temperature=None, top_k=None, top_p=None) -> Rollout:
+                         *, temperature=None, top_k=None, top_p=None, first_prompt: int = 0) -> Rollout:
     """Sample ``n`` completions per prompt; pure device-array entry point (jit-friendly).
 
     params: the model's parameter dict; model_cfg: its ModelConfig.
@@ -199,6 +202,10 @@ def generate_from_params(params: Params, model_cfg: ModelConfig, prompt_tokens: 
     concrete). n: samples per prompt. key: a jax PRNG key (typed or raw uint32 [2]).
     temperature / top_p (float) and top_k (int): optional scalars or per-row [N * n] arrays
     overriding the config's defaults (row r belongs to prompt r // n).
+    first_prompt: where these prompts start in a larger batch decoded in chunks: row r draws
+    the noise of row first_prompt * n + r and group ids start at first_prompt, so the chunks
+    together sample what one call over the batch would (up to float rounding of the
+    batch-size-dependent matmuls). A traced value: chunks share one compiled program.
     Returns a Rollout with B = N * n rows: prompt_tokens [B, P_b] (P_b = bucketed width),
     tokens / logprobs / entropies [B, cfg.max_new_tokens], lengths, finish_reason, group_ids.
     One compiled program per bucket: numpy inputs are padded to the buckets on the host, device
@@ -261,7 +268,7 @@ def generate_from_params(params: Params, model_cfg: ModelConfig, prompt_tokens: 
     is_stop_token[list(stop_ids)] = True
     outputs = _generate(
         params, prompt_tokens, prompt_lengths, np.arange(padded_rows) < num_rows, key, is_stop_token,
-        np.int32(cfg.max_new_tokens), *controls, plan=plan,
+        np.int32(cfg.max_new_tokens), *controls, np.int32(first_prompt), plan=plan,
     )
     keep = cfg.max_new_tokens
     if num_rows != padded_rows or keep != plan.new_tokens_bucket:  # bucket padding to drop
