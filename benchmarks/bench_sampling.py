@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bench_sampling.py [--shape small|deep|1b] [--prompts 8] [--samples 8]
            [--prompt-len 64] [--new-tokens 128] [--repeats 5] [--impl auto] [--dtype float32] [--cpu-threads 0]
+           [--layer-loop auto|rolled|unrolled]
            [--no-hf] [--naive] [--max-other 0.3]
 
 Models (random weights, saved once as HF safetensors and loaded by both sides):
@@ -243,6 +244,8 @@ def main() -> None:
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="jaxrl through the static backend with sampling.cpu_threads = this (0 = auto, "
                              "the default config's); 1 = the engine itself, one call")
+    parser.add_argument("--layer-loop", default="auto", choices=["auto", "rolled", "unrolled"],
+                        help="SamplingConfig.layer_loop of the jaxrl engine")
     parser.add_argument("--naive", action="store_true", help="also time the naive sampler rows")
     parser.add_argument("--max-other", type=float, default=0.3,
                         help="cores other processes may use during a timed call before it is retried")
@@ -255,7 +258,7 @@ def main() -> None:
     prompts = rng.integers(3, cfg.vocab_size, (args.prompts, args.prompt_len)).astype(np.int32)
     lengths = np.full((args.prompts,), args.prompt_len, np.int32)
     sampling = SamplingConfig(max_prompt_tokens=args.prompt_len, max_new_tokens=args.new_tokens,
-                              temperature=1.0, stop_token_ids=(), impl=args.impl)
+                              temperature=1.0, stop_token_ids=(), impl=args.impl, layer_loop=args.layer_loop)
     print(f"backend={jax.default_backend()} shape={args.shape} dtype={args.dtype} impl={args.impl} "
           f"rows={args.prompts}x{args.samples} prompt={args.prompt_len} new={args.new_tokens} T=1 "
           f"(median of {args.repeats}); cores={os.cpu_count()}")

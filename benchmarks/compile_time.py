@@ -48,14 +48,14 @@ _EVENTS: collections.defaultdict = collections.defaultdict(list)
 jax.monitoring.register_event_duration_secs_listener(lambda name, secs, **_: _EVENTS[name].append(secs))
 
 
-def sampler_first_call(shape: str, new_tokens: int = 128, prompts_n: int = 8, samples: int = 8
-                       ) -> tuple[int, float, float, float]:
+def sampler_first_call(shape: str, new_tokens: int = 128, prompts_n: int = 8, samples: int = 8,
+                       layer_loop: str = "auto") -> tuple[int, float, float, float]:
     """(programs compiled, trace s, lower s, backend-compile s, wall s) of the engine's first
     call on the ``bench_sampling`` shape ``shape`` (64-token prompts, no stop)."""
     cfg = bench_model_config(shape)
     params = jax.block_until_ready(init_params(cfg, jax.random.key(0)))
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (prompts_n, 64)).astype(np.int32)
-    sampling = SamplingConfig(max_prompt_tokens=64, max_new_tokens=new_tokens, stop_token_ids=())
+    sampling = SamplingConfig(max_prompt_tokens=64, max_new_tokens=new_tokens, stop_token_ids=(), layer_loop=layer_loop)
     _EVENTS.clear()
     start = time.perf_counter()
     jax.block_until_ready(generate_from_params(params, cfg, prompts, np.full((prompts_n,), 64, np.int32), samples,
@@ -73,12 +73,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="decode budget of the --sampler call")
     parser.add_argument("--prompts", type=int, default=8, help="prompts of the --sampler call")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt of the --sampler call")
+    parser.add_argument("--layer-loop", default="auto", choices=["auto", "rolled", "unrolled"],
+                        help="SamplingConfig.layer_loop of the --sampler call")
     args = parser.parse_args()
     if args.sampler:
         print(f"| shape | programs compiled | trace s | lower s | compile s | first call s |")
         print(f"|-------|------------------:|--------:|--------:|----------:|-------------:|")
         for shape in args.sampler:
-            count, trace, lower, comp, wall = sampler_first_call(shape, args.new_tokens, args.prompts, args.samples)
+            count, trace, lower, comp, wall = sampler_first_call(shape, args.new_tokens, args.prompts, args.samples,
+                                                           args.layer_loop)
             print(f"| {shape} | {count} | {trace:.2f} | {lower:.2f} | {comp:.2f} | {wall:.2f} |")
         return
     compile_seconds(1)  # warm up tracing machinery

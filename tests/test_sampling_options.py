@@ -1,7 +1,8 @@
 """Options that cost nothing when off: entropies only when asked for (log-probs always), and
 the run-time skips of the jnp sampler (no truncation, all greedy) against float64 numpy; the
-phased (live-length) decode loop against a single full-width phase; the sampler compiled
-without its threshold searches when no row truncates."""
+phased (live-length) decode loop against a single full-width phase; the rolled layer loop
+against the unrolled one; the sampler compiled without its threshold searches when no row
+truncates."""
 
 import functools
 
@@ -14,7 +15,7 @@ from jaxrl.kernels.sampling_controls import controls_may_truncate
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import Transformer, init_params
 from jaxrl.sampling import decode
-from jaxrl.sampling.engine import SamplingConfig, generate
+from jaxrl.sampling.engine import SamplingConfig, generate, generate_from_params
 from tests.test_kernel_sampling import check_against_numpy, mixed_rows
 
 
@@ -102,6 +103,56 @@ def test_phased_decode_equals_one_phase(small_model, monkeypatch):
     # Attention over fewer masked-out slots: the same sums up to float32 reassociation.
     np.testing.assert_allclose(np.asarray(phased.logprobs), np.asarray(one.logprobs), atol=1e-5)
     np.testing.assert_allclose(np.asarray(phased.entropies), np.asarray(one.entropies), atol=1e-5)
+
+
+def test_layer_loops_give_the_same_rollout(small_model, monkeypatch):
+    """The rolled layer loop (one fori_loop body over stacked weights and caches) and the
+    unrolled one give the same rollout over 3 phases, with stops, top-k and greedy rows. Same
+    float ops in the same order per layer: tokens exact, floats at 1e-6 (a fusion may still
+    reassociate a sum on another CPU)."""
+    cfg = SamplingConfig(max_prompt_tokens=16, max_new_tokens=60, stop_token_ids=(2,), top_k=30,
+                         temperature=0.9, impl="reference")
+    prompts = [[5, 6, 7], list(range(10, 26)), [40] * 9]
+    monkeypatch.setattr(decode, "MIN_WINDOW", 16)
+    temperature = np.repeat(np.array([0.9, 0.0, 1.3], np.float32), 2)
+    out = {loop: generate(small_model, prompts, 2, cfg.replace(layer_loop=loop), jax.random.key(6),
+                          temperature=temperature) for loop in ("rolled", "unrolled")}
+    for field in ("tokens", "lengths", "finish_reason"):
+        np.testing.assert_array_equal(np.asarray(getattr(out["rolled"], field)),
+                                      np.asarray(getattr(out["unrolled"], field)))
+    for field in ("logprobs", "entropies"):
+        np.testing.assert_allclose(np.asarray(getattr(out["rolled"], field)),
+                                   np.asarray(getattr(out["unrolled"], field)), atol=1e-6)
+    assert len(set(np.asarray(out["rolled"].lengths).tolist())) > 1  # some rows stopped early
+
+
+def test_auto_layer_loop_rule():
+    assert decode.choose_layer_loop("auto", "reference", decode.ROLLED_MAX_SLOTS) == "rolled"
+    assert decode.choose_layer_loop("auto", "reference", decode.ROLLED_MAX_SLOTS + 1) == "unrolled"
+    assert decode.choose_layer_loop("auto", "pallas", 64) == "unrolled"
+    assert decode.choose_layer_loop("rolled", "reference", 4096) == "rolled"
+    assert decode.choose_layer_loop("unrolled", "reference", 64) == "unrolled"
+    with pytest.raises(ValueError, match="layer_loop"):
+        SamplingConfig(layer_loop="scan")
+
+
+@pytest.mark.parametrize("loop, grows", [("rolled", False), ("unrolled", True)])
+def test_rolled_program_holds_one_layer_body(loop, grows):
+    """Compile time follows program size: the rolled engine's program is the same size at 2 and
+    8 layers (one layer body), the unrolled one grows with the layers."""
+    sizes = []
+    for layers in (2, 8):
+        model_cfg = ModelConfig(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=48,
+                                num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
+                                eos_token_id=2, pad_token_id=0)
+        params = init_params(model_cfg, jax.random.key(1))
+        cfg = SamplingConfig(max_prompt_tokens=16, max_new_tokens=32, stop_token_ids=(2,), impl="reference",
+                             layer_loop=loop)
+        tokens, lengths = np.full((2, 16), 5, np.int32), np.full((2,), 16, np.int32)
+        text = jax.jit(lambda p: generate_from_params(p, model_cfg, tokens, lengths, 2, cfg, jax.random.key(0)).tokens
+                       ).lower(params).as_text()
+        sizes.append(text.count("\n"))
+    assert (sizes[1] > 1.5 * sizes[0]) == grows, sizes
 
 
 def test_engine_without_entropy(small_model):

@@ -1,22 +1,30 @@
 """The engine's decode loop: one token per row per step, KV cache updated in place.
 
 Cache layout: the prefill's head-major cache k, v [L, B, K, S, hd] (see
-:func:`jaxrl.sampling.kv_cache.fan_out`) is split once into one buffer [B * K, W, hd] per
-layer, W the phase's attention window: each (row, kv head) holds its slots contiguously, so
-decode attention is one batched matmul over B * K (:func:`jaxrl.kernels.attention.
-decode_attention_heads`) that reads the whole buffer in place. The layers are unrolled (a
-Python loop in the traced step, weights sliced once per call); a ``scan`` over a stacked cache
-made XLA copy every layer's slice before its attention dot (issue 15, deep shape: the copies
-cost more than the rest of a 28-layer step). The new slot is written with one
-``dynamic_update_slice`` per layer and buffer, in place.
+:func:`jaxrl.sampling.kv_cache.fan_out`) becomes, per phase of attention window W, either one
+buffer [B * K, W, hd] per layer ("unrolled") or one stacked buffer [L, B * K, W, hd]
+("rolled"). Each (row, kv head) holds its slots contiguously, so decode attention is one
+batched matmul over B * K (:func:`jaxrl.kernels.attention.decode_attention_heads`). The new
+slot is written with one ``dynamic_update_slice`` per layer and buffer, in place.
+
+Layer loop (:func:`choose_layer_loop`), a trade between compile time and speed on XLA CPU:
+
+* "unrolled": a Python loop over the layers in the traced step (weights sliced once per call),
+  so attention reads each layer's buffer in place. The program holds one copy of every layer
+  per phase: the deep bench shape (28 layers, 2 phases) compiles ~4x longer than "rolled".
+* "rolled": a ``fori_loop`` over the layers with stacked weights and caches: one layer body in
+  the program, but XLA copies each layer's live cache slice before its attention dot. At
+  <= 256 slots (short budgets, where compile time is a large share of a call) it runs within
+  -6%..+9% of "unrolled" (BENCHMARKS.md, issue 15 session 5); at 320-1,088 slots it is 8-30%
+  slower. "auto" picks it on the jnp path up to ``ROLLED_MAX_SLOTS``.
 
 Live length: row r attends to slots ``[start_r, P_b + step)`` (its left-padded prompt and the
 tokens fed so far), so no validity mask is built. On the jnp path the loop runs in phases of
 static attention windows (:func:`attention_windows`): while ``P_b + step <= w`` the buffers hold
 ``w`` slots (grown with zeros between phases), so the cost of a step follows the filled length,
 not the bucket. The Pallas kernel skips blocks past each row's end by itself and runs one phase.
-Each phase compiles its own copy of the unrolled step: compile time grows with layers x phases,
-so phases that would save almost no reads are skipped (:func:`attention_windows`).
+Each phase compiles its own copy of the step: compile time grows with layers x phases for
+"unrolled", so phases that would save almost no reads are skipped (:func:`attention_windows`).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from jaxrl.kernels.noise import make_key_data, shift_rows
 from jaxrl.kernels.sampling import sample_tokens
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import Params, _block, embed, logits_from_hidden, rms_norm, rope_inverse_frequencies
+from jaxrl.sampling.config import LAYER_LOOPS
 from jaxrl.types import FINISH_LENGTH, FINISH_STOP
 
 MIN_WINDOW = 128  # smallest attention window (slots) of the phased jnp decode loop
@@ -41,6 +50,20 @@ FIRST_WINDOW_FRACTION = 16  # first window >= total / 16: the steps below it the
 #                             (1/16)^2 / (2 ln 2 / 2) ~ 0.6% more slots over a full decode
 LAST_WINDOW_SLACK = 1 / 64  # no phase for a window within 1/64 of the full cache (its steps
 #                             would read <= 1.6% fewer slots than the last phase's)
+
+
+ROLLED_MAX_SLOTS = 256  # "auto" rolls the layer loop on the jnp path up to this many cache slots
+
+
+def choose_layer_loop(requested: str, attention_impl: str, total_slots: int) -> str:
+    """"rolled" or "unrolled" (module docstring). "auto": rolled on the jnp attention path
+    ("reference") when the cache has at most ROLLED_MAX_SLOTS slots, else unrolled (the Pallas
+    kernels read per-layer buffers, untried with a stacked cache)."""
+    if requested not in LAYER_LOOPS:
+        raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "rolled" if attention_impl == "reference" and total_slots <= ROLLED_MAX_SLOTS else "unrolled"
 
 
 def bucket_size(length: int, minimum: int = 1) -> int:
@@ -80,12 +103,22 @@ def split_cache(cache: jax.Array, slots: int) -> tuple[jax.Array, ...]:
     return tuple(_resize(cache[i].reshape(rows * heads, -1, head_dim), slots) for i in range(layers))
 
 
-def _resize(buffer: jax.Array, slots: int) -> jax.Array:
-    """A [R, S, hd] buffer grown with zero slots (or cut) to ``slots``."""
-    extra = slots - buffer.shape[1]
+def stack_cache(cache: jax.Array) -> jax.Array:
+    """[L, B, K, S, hd] -> [L, B * K, S, hd] (a stacked cache passes through unchanged)."""
+    if cache.ndim == 4:
+        return cache
+    layers, rows, heads, slots, head_dim = cache.shape
+    return cache.reshape(layers, rows * heads, slots, head_dim)
+
+
+def _resize(buffer: jax.Array, slots: int, axis: int = 1) -> jax.Array:
+    """A buffer grown with zero slots (or cut) to ``slots`` along ``axis`` (the slot axis)."""
+    extra = slots - buffer.shape[axis]
     if extra <= 0:
-        return buffer[:, :slots]
-    return jnp.pad(buffer, ((0, 0), (0, extra), (0, 0)))
+        return lax.slice_in_dim(buffer, 0, slots, axis=axis)
+    widths = [(0, 0)] * buffer.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(buffer, widths)
 
 
 def decode_hidden(params: Params, cfg: ModelConfig, token: jax.Array, position: jax.Array,
@@ -131,13 +164,51 @@ def decode_hidden(params: Params, cfg: ModelConfig, token: jax.Array, position: 
     return rms_norm(x[:, 0], params["final_norm"], cfg.rms_norm_eps), tuple(k_out), tuple(v_out)
 
 
+def decode_hidden_rolled(params: Params, cfg: ModelConfig, token: jax.Array, position: jax.Array,
+                         k_stack: jax.Array, v_stack: jax.Array, row_start: jax.Array, slot: jax.Array, *,
+                         attention_impl: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`decode_hidden` with the layers as one ``fori_loop`` body over stacked weights and
+    caches k_stack, v_stack [L, B * K, W, hd] (W > slot): final-normed hidden [B, D] and the
+    stacks with slot ``slot`` of every layer set (in place)."""
+    num_rows = token.shape[0]
+    kv_heads, head_dim = cfg.num_kv_heads, cfg.head_dim
+    group = cfg.num_heads // kv_heads
+    inv_freq = rope_inverse_frequencies(cfg)
+    bounds = jnp.stack([row_start, jnp.broadcast_to(slot + 1, (num_rows,)), jnp.zeros((num_rows,), jnp.int32)],
+                       axis=1)
+    blocks = params["blocks"]
+
+    def layer(index, carry):
+        x, k_stack, v_stack = carry
+        p = {name: lax.dynamic_index_in_dim(w, index, keepdims=False) for name, w in blocks.items()}
+
+        def attend(q, k, v):
+            at = (index, 0, slot, 0)
+            new_slot = (1, num_rows * kv_heads, 1, head_dim)
+            k_all = lax.dynamic_update_slice(k_stack, k.reshape(new_slot).astype(k_stack.dtype), at)
+            v_all = lax.dynamic_update_slice(v_stack, v.reshape(new_slot).astype(v_stack.dtype), at)
+            shape = (1, num_rows, kv_heads) + k_all.shape[2:]
+            out = decode_attention_heads(q[:, 0].reshape(num_rows, kv_heads, group, head_dim),
+                                         lax.dynamic_index_in_dim(k_all, index, keepdims=False).reshape(shape),
+                                         lax.dynamic_index_in_dim(v_all, index, keepdims=False).reshape(shape),
+                                         bounds, impl=attention_impl)
+            return out.reshape(num_rows, 1, cfg.num_heads, head_dim), (k_all, v_all)
+
+        x, (k_stack, v_stack) = _block(cfg, inv_freq, x, p, position[:, None], attend)
+        return x, k_stack, v_stack
+
+    num_layers = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+    x, k_stack, v_stack = lax.fori_loop(0, num_layers, layer, (embed(params, cfg, token[:, None]), k_stack, v_stack))
+    return rms_norm(x[:, 0], params["final_norm"], cfg.rms_norm_eps), k_stack, v_stack
+
+
 def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: jax.Array,
                 first_logits: jax.Array, row_start: jax.Array, prompt_lengths: jax.Array,
                 row_active: jax.Array, key: jax.Array, is_stop_token: jax.Array, limit: jax.Array,
                 temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *, prompt_width: int,
                 budget: int, pad_id: int, sampler_impl: str, attention_impl: str,
                 compute_entropy: bool, windows: tuple[int, ...], may_truncate: bool = True,
-                row_offset: jax.Array | int = 0):
+                row_offset: jax.Array | int = 0, layer_loop: str = "unrolled"):
     """Sample up to ``limit`` (<= budget) tokens per row; stop per row on a stop token.
 
     k_cache, v_cache [L, B, K, S, hd] with S >= P_b (prompt in slots < P_b; split and grown
@@ -151,6 +222,7 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
     controls; the sampler is then compiled without its threshold searches).
     row_offset: int32 scalar, the global index of row 0: row r draws the noise of row
     ``row_offset + r``, so a batch decoded in chunks draws the whole batch's noise.
+    layer_loop: "unrolled" or "rolled" (module docstring; same outputs).
     The loop exits when every row is done.
 
     Each loop iteration samples token ``step`` from the carried logits, then feeds it (slot
@@ -180,7 +252,10 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
             done=state["done"] | stopped | (step + 1 >= limit),
         )
 
-    layers = layer_params(params)
+    if layer_loop not in ("rolled", "unrolled"):
+        raise ValueError(f"layer_loop must be 'rolled' or 'unrolled', got {layer_loop!r}")
+    rolled = layer_loop == "rolled"
+    layers = None if rolled else layer_params(params)
     state = dict(
         step=jnp.int32(0), k=(), v=(), logits=first_logits.astype(jnp.float32),
         last_token=jnp.zeros((num_rows,), jnp.int32),
@@ -196,15 +271,22 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
         step = state["step"]
         state = record(state, step, *sample(state["logits"], shift_rows(make_key_data(key, step), row_offset)))
         # Feed completion token ``step`` into slot P_b + step.
-        hidden, k_new, v_new = decode_hidden(
-            params, cfg, state["last_token"], prompt_lengths + step, state["k"], state["v"],
-            row_start, prompt_width + step, attention_impl=attention_impl, layers=layers)
+        feed = (params, cfg, state["last_token"], prompt_lengths + step, state["k"], state["v"], row_start,
+                prompt_width + step)
+        if rolled:
+            hidden, k_new, v_new = decode_hidden_rolled(*feed, attention_impl=attention_impl)
+        else:
+            hidden, k_new, v_new = decode_hidden(*feed, attention_impl=attention_impl, layers=layers)
         logits = logits_from_hidden(params, cfg, hidden).astype(jnp.float32)
         return dict(state, k=k_new, v=v_new, logits=logits, step=step + 1)
 
     for phase, window in enumerate(windows):
         # The phase's buffers hold exactly ``window`` slots: attention reads whole buffers.
-        if phase == 0:
+        if rolled:
+            source = (k_cache, v_cache) if phase == 0 else (state["k"], state["v"])
+            k_stack, v_stack = (_resize(stack_cache(c), window, axis=2) for c in source)
+            state = dict(state, k=k_stack, v=v_stack)
+        elif phase == 0:
             state = dict(state, k=split_cache(k_cache, window), v=split_cache(v_cache, window))
         else:
             state = dict(state, k=tuple(_resize(x, window) for x in state["k"]),

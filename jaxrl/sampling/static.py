@@ -58,7 +58,12 @@ from jaxrl.models.transformer import (
     positions_from_mask,
 )
 from jaxrl.sampling.config import SamplingConfig
-from jaxrl.sampling.decode import attention_windows, bucket_size, decode_loop  # bucket_size: re-exported
+from jaxrl.sampling.decode import (  # bucket_size: re-exported
+    attention_windows,
+    bucket_size,
+    choose_layer_loop,
+    decode_loop,
+)
 from jaxrl.sampling.kv_cache import fan_out
 from jaxrl.types import Rollout
 
@@ -96,6 +101,7 @@ class _Plan:
     compute_entropy: bool
     may_truncate: bool  # False: no row has top-k/top-p on, the sampler is compiled without them
     windows: tuple[int, ...]
+    layer_loop: str  # "rolled" | "unrolled" (jaxrl.sampling.decode.choose_layer_loop)
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -131,7 +137,7 @@ def _generate(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Arra
         prompt_width=width, budget=plan.new_tokens_bucket, pad_id=plan.pad_id,
         sampler_impl=plan.sampler_impl, attention_impl=plan.attention_impl,
         compute_entropy=plan.compute_entropy, may_truncate=plan.may_truncate, windows=plan.windows,
-        row_offset=first_prompt * n,
+        row_offset=first_prompt * n, layer_loop=plan.layer_loop,
     )
     group_ids = jnp.arange(row_active.shape[0], dtype=jnp.int32) // n + first_prompt
     return (jnp.repeat(prompt_tokens, n, axis=0), row_lengths) + tuple(outputs) + (group_ids,)
@@ -263,6 +269,7 @@ def generate_from_params(params: Params, model_cfg: ModelConfig, prompt_tokens: 
         may_truncate=controls_may_truncate(*(_concrete(c) for c in controls), model_cfg.vocab_size),
         # Phases of live-length attention on the jnp path; the kernel bounds rows by itself.
         windows=attention_windows(prompt_width, prompt_width + budget, phased=attention_impl == "reference"),
+        layer_loop=choose_layer_loop(cfg.layer_loop, attention_impl, prompt_width + budget),
     )
     is_stop_token = np.zeros((model_cfg.vocab_size,), bool)
     is_stop_token[list(stop_ids)] = True
