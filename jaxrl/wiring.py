@@ -91,6 +91,7 @@ def sampling_config(cfg: ml_collections.ConfigDict, *, temperature: float | None
         # Threaded decoding blocks on its rows; the overlapped loop needs a sampler that returns
         # at once, so "auto" keeps one call there.
         cpu_threads=1 if cfg.sampling.cpu_threads == 0 and cfg.rl.rollout_staleness else cfg.sampling.cpu_threads,
+        layer_loop=cfg.sampling.layer_loop,
     )
 
 

@@ -47,6 +47,7 @@ def write_experiment(path, model_dir, root, body=""):
         ("", ["--config.rl.mini_batch_prompts=3"], "rl.mini_batch_prompts=3 must divide"),
         ("", ["--config.sampling.max_rows_per_call=2"], "sampling.max_rows_per_call=2 must be 0"),
         ("", ["--config.sampling.cpu_threads=-1"], "sampling.cpu_threads must be an int >= 0"),
+        ("", ["--config.sampling.layer_loop=scan"], "sampling.layer_loop='scan'; choose one of auto, rolled, unrolled"),
         ("", ["--config.sampling.cpu_threads=2", "--config.sampling.backend=continuous"],
          "sampling.cpu_threads=2 works with sampling.backend='static' only"),
         ("", ["--config.distributed.coordinator_address=localhost:1234"],

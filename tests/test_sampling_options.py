@@ -127,11 +127,13 @@ def test_layer_loops_give_the_same_rollout(small_model, monkeypatch):
 
 
 def test_auto_layer_loop_rule():
-    assert decode.choose_layer_loop("auto", "reference", decode.ROLLED_MAX_SLOTS) == "rolled"
-    assert decode.choose_layer_loop("auto", "reference", decode.ROLLED_MAX_SLOTS + 1) == "unrolled"
-    assert decode.choose_layer_loop("auto", "pallas", 64) == "unrolled"
-    assert decode.choose_layer_loop("rolled", "reference", 4096) == "rolled"
-    assert decode.choose_layer_loop("unrolled", "reference", 64) == "unrolled"
+    deep, shallow = decode.ROLLED_MIN_LAYERS, decode.ROLLED_MIN_LAYERS - 1
+    assert decode.choose_layer_loop("auto", "reference", decode.ROLLED_MAX_SLOTS, deep) == "rolled"
+    assert decode.choose_layer_loop("auto", "reference", decode.ROLLED_MAX_SLOTS + 1, deep) == "unrolled"
+    assert decode.choose_layer_loop("auto", "reference", 64, shallow) == "unrolled"
+    assert decode.choose_layer_loop("auto", "pallas", 64, deep) == "unrolled"
+    assert decode.choose_layer_loop("rolled", "reference", 4096, 2) == "rolled"
+    assert decode.choose_layer_loop("unrolled", "reference", 64, deep) == "unrolled"
     with pytest.raises(ValueError, match="layer_loop"):
         SamplingConfig(layer_loop="scan")
 

@@ -23,6 +23,7 @@ from jaxrl.models.config import ATTENTION_IMPLS, DTYPES
 from jaxrl.rewards.registry import load_rewarder_spec, task_names
 from jaxrl.rl.advantages import GRPO_SCALES, AdvantageConfig, estimator_names, get_estimator
 from jaxrl.rl.losses import LossConfig
+from jaxrl.sampling.config import LAYER_LOOPS
 from jaxrl.sharding.mesh import resolve_axis_sizes
 
 DATA_SOURCES = ("synthetic", "files")
@@ -218,6 +219,8 @@ def _check_combinations(cfg) -> None:
             f"sampling.max_rows_per_call={cfg.sampling.max_rows_per_call} must be 0 (no cap) or at least "
             f"rl.samples_per_prompt={cfg.rl.samples_per_prompt} (one group)"
         )
+    if cfg.sampling.layer_loop not in LAYER_LOOPS:
+        raise ConfigError(f"sampling.layer_loop={cfg.sampling.layer_loop!r}; choose one of {', '.join(LAYER_LOOPS)}")
     threads = cfg.sampling.cpu_threads
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise ConfigError(f"sampling.cpu_threads must be an int >= 0 (0 = auto), got {threads!r}")

@@ -46,8 +46,9 @@ class SamplingConfig:
         threads can run, else 1; 1 = one call; > 1 is refused where threads cannot run.
     layer_loop: "auto" | "rolled" | "unrolled": the static engine's decode step as one layer
         body in a loop (compiles ~4x faster on a 28-layer model, slower at long windows on
-        CPU) or one copy per layer; "auto" = rolled on the jnp path for caches of at most 256
-        slots (:func:`jaxrl.sampling.decode.choose_layer_loop`). Same outputs either way.
+        CPU) or one copy per layer; "auto" = rolled on the jnp path for models of >= 16
+        layers and caches of <= 256 slots (:func:`jaxrl.sampling.decode.choose_layer_loop`).
+        Same outputs either way.
     """
 
     max_prompt_tokens: int = 512

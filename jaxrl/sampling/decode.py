@@ -13,10 +13,12 @@ Layer loop (:func:`choose_layer_loop`), a trade between compile time and speed o
   so attention reads each layer's buffer in place. The program holds one copy of every layer
   per phase: the deep bench shape (28 layers, 2 phases) compiles ~4x longer than "rolled".
 * "rolled": a ``fori_loop`` over the layers with stacked weights and caches: one layer body in
-  the program, but XLA copies each layer's live cache slice before its attention dot. At
-  <= 256 slots (short budgets, where compile time is a large share of a call) it runs within
-  -6%..+9% of "unrolled" (BENCHMARKS.md, issue 15 session 5); at 320-1,088 slots it is 8-30%
-  slower. "auto" picks it on the jnp path up to ``ROLLED_MAX_SLOTS``.
+  the program, but XLA copies each layer's live cache slice before its attention dot. On the
+  28-layer bench shape at 192 slots (a short call, where compile time is a large share) it
+  compiles in 1.3 s instead of 4.5 s and runs +9% (one thread) to -10% (two threads) against
+  "unrolled"; on 4 layers it saves only ~0.3 s of compile for -6..-25%; at 320-1,088 slots it
+  is 8-30% slower (BENCHMARKS.md, issue 15 session 5). "auto" picks it on the jnp path for
+  models of >= ``ROLLED_MIN_LAYERS`` layers and caches of <= ``ROLLED_MAX_SLOTS`` slots.
 
 Live length: row r attends to slots ``[start_r, P_b + step)`` (its left-padded prompt and the
 tokens fed so far), so no validity mask is built. On the jnp path the loop runs in phases of
@@ -53,17 +55,20 @@ LAST_WINDOW_SLACK = 1 / 64  # no phase for a window within 1/64 of the full cach
 
 
 ROLLED_MAX_SLOTS = 256  # "auto" rolls the layer loop on the jnp path up to this many cache slots
+ROLLED_MIN_LAYERS = 16  # ... for models at least this deep (below, rolling saves little compile)
 
 
-def choose_layer_loop(requested: str, attention_impl: str, total_slots: int) -> str:
+def choose_layer_loop(requested: str, attention_impl: str, total_slots: int, num_layers: int) -> str:
     """"rolled" or "unrolled" (module docstring). "auto": rolled on the jnp attention path
-    ("reference") when the cache has at most ROLLED_MAX_SLOTS slots, else unrolled (the Pallas
-    kernels read per-layer buffers, untried with a stacked cache)."""
+    ("reference") for a model of at least ROLLED_MIN_LAYERS layers and a cache of at most
+    ROLLED_MAX_SLOTS slots, else unrolled (the Pallas kernels read per-layer buffers, untried
+    with a stacked cache)."""
     if requested not in LAYER_LOOPS:
         raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {requested!r}")
     if requested != "auto":
         return requested
-    return "rolled" if attention_impl == "reference" and total_slots <= ROLLED_MAX_SLOTS else "unrolled"
+    short_and_deep = total_slots <= ROLLED_MAX_SLOTS and num_layers >= ROLLED_MIN_LAYERS
+    return "rolled" if attention_impl == "reference" and short_and_deep else "unrolled"
 
 
 def bucket_size(length: int, minimum: int = 1) -> int:
@@ -121,6 +126,24 @@ def _resize(buffer: jax.Array, slots: int, axis: int = 1) -> jax.Array:
     return jnp.pad(buffer, widths)
 
 
+def _live_bounds(row_start: jax.Array, slot: jax.Array) -> jax.Array:
+    """int32 [B, 3] attention bounds: row r reads slots [row_start_r, slot] (no extra offset)."""
+    num_rows = row_start.shape[0]
+    return jnp.stack([row_start, jnp.broadcast_to(slot + 1, (num_rows,)), jnp.zeros((num_rows,), jnp.int32)],
+                     axis=1)
+
+
+def _attend_buffers(cfg: ModelConfig, q: jax.Array, k_buffer: jax.Array, v_buffer: jax.Array,
+                    bounds: jax.Array, attention_impl: str) -> jax.Array:
+    """One token's attention, q [B, 1, H, hd], over one layer's buffers [B * K, W, hd]
+    (already holding the token's own K/V); returns [B, 1, H, hd]."""
+    num_rows, kv_heads, head_dim = q.shape[0], cfg.num_kv_heads, cfg.head_dim
+    shape = (1, num_rows, kv_heads) + k_buffer.shape[1:]
+    out = decode_attention_heads(q[:, 0].reshape(num_rows, kv_heads, cfg.num_heads // kv_heads, head_dim),
+                                 k_buffer.reshape(shape), v_buffer.reshape(shape), bounds, impl=attention_impl)
+    return out.reshape(num_rows, 1, cfg.num_heads, head_dim)
+
+
 def decode_hidden(params: Params, cfg: ModelConfig, token: jax.Array, position: jax.Array,
                   k_cache: tuple[jax.Array, ...], v_cache: tuple[jax.Array, ...], row_start: jax.Array,
                   slot: jax.Array, *, attention_impl: str, layers: tuple[Params, ...] | None = None
@@ -132,16 +155,13 @@ def decode_hidden(params: Params, cfg: ModelConfig, token: jax.Array, position: 
     then attends to ``[row_start_r, slot]``). layers: :func:`layer_params` of ``params``
     (computed here when None; pass it from outside a loop so it is sliced once).
 
-    The layers are a Python loop (unrolled in the program), not a ``scan``: with a stacked cache
-    every layer's attention read its slice through a copy (dynamic slice feeding the dot), which
-    at 28 narrow layers cost more than the rest of the step; separate buffers are read in place.
+    The layers are a Python loop (unrolled in the program): separate buffers are read in place,
+    where the rolled loop (:func:`decode_hidden_rolled`) copies each layer's slice of a stacked
+    cache before its attention dot (module docstring: when each is used).
     """
-    num_rows = token.shape[0]
-    kv_heads, head_dim = cfg.num_kv_heads, cfg.head_dim
-    group = cfg.num_heads // kv_heads
+    new_slot = (token.shape[0] * cfg.num_kv_heads, 1, cfg.head_dim)
     inv_freq = rope_inverse_frequencies(cfg)
-    bounds = jnp.stack([row_start, jnp.broadcast_to(slot + 1, (num_rows,)), jnp.zeros((num_rows,), jnp.int32)],
-                       axis=1)
+    bounds = _live_bounds(row_start, slot)
     layers = layer_params(params) if layers is None else layers
     x = embed(params, cfg, token[:, None])
     k_out, v_out = [], []
@@ -151,12 +171,9 @@ def decode_hidden(params: Params, cfg: ModelConfig, token: jax.Array, position: 
             # with no reshape in between (XLA fuses an update into each reshaping user, so a
             # reshape there costs a second update and a full copy of the buffer).
             at = (0, slot, 0)
-            k_new = lax.dynamic_update_slice(k_all, k.reshape(num_rows * kv_heads, 1, head_dim).astype(k_all.dtype), at)
-            v_new = lax.dynamic_update_slice(v_all, v.reshape(num_rows * kv_heads, 1, head_dim).astype(v_all.dtype), at)
-            shape = (1, num_rows, kv_heads) + k_new.shape[1:]
-            out = decode_attention_heads(q[:, 0].reshape(num_rows, kv_heads, group, head_dim), k_new.reshape(shape),
-                                         v_new.reshape(shape), bounds, impl=attention_impl)
-            return out.reshape(num_rows, 1, cfg.num_heads, head_dim), (k_new, v_new)
+            k_new = lax.dynamic_update_slice(k_all, k.reshape(new_slot).astype(k_all.dtype), at)
+            v_new = lax.dynamic_update_slice(v_all, v.reshape(new_slot).astype(v_all.dtype), at)
+            return _attend_buffers(cfg, q, k_new, v_new, bounds, attention_impl), (k_new, v_new)
 
         x, (k_new, v_new) = _block(cfg, inv_freq, x, p, position[:, None], attend)
         k_out.append(k_new)
@@ -170,12 +187,9 @@ def decode_hidden_rolled(params: Params, cfg: ModelConfig, token: jax.Array, pos
     """:func:`decode_hidden` with the layers as one ``fori_loop`` body over stacked weights and
     caches k_stack, v_stack [L, B * K, W, hd] (W > slot): final-normed hidden [B, D] and the
     stacks with slot ``slot`` of every layer set (in place)."""
-    num_rows = token.shape[0]
-    kv_heads, head_dim = cfg.num_kv_heads, cfg.head_dim
-    group = cfg.num_heads // kv_heads
+    new_slot = (1, token.shape[0] * cfg.num_kv_heads, 1, cfg.head_dim)
     inv_freq = rope_inverse_frequencies(cfg)
-    bounds = jnp.stack([row_start, jnp.broadcast_to(slot + 1, (num_rows,)), jnp.zeros((num_rows,), jnp.int32)],
-                       axis=1)
+    bounds = _live_bounds(row_start, slot)
     blocks = params["blocks"]
 
     def layer(index, carry):
@@ -184,15 +198,11 @@ def decode_hidden_rolled(params: Params, cfg: ModelConfig, token: jax.Array, pos
 
         def attend(q, k, v):
             at = (index, 0, slot, 0)
-            new_slot = (1, num_rows * kv_heads, 1, head_dim)
             k_all = lax.dynamic_update_slice(k_stack, k.reshape(new_slot).astype(k_stack.dtype), at)
             v_all = lax.dynamic_update_slice(v_stack, v.reshape(new_slot).astype(v_stack.dtype), at)
-            shape = (1, num_rows, kv_heads) + k_all.shape[2:]
-            out = decode_attention_heads(q[:, 0].reshape(num_rows, kv_heads, group, head_dim),
-                                         lax.dynamic_index_in_dim(k_all, index, keepdims=False).reshape(shape),
-                                         lax.dynamic_index_in_dim(v_all, index, keepdims=False).reshape(shape),
-                                         bounds, impl=attention_impl)
-            return out.reshape(num_rows, 1, cfg.num_heads, head_dim), (k_all, v_all)
+            out = _attend_buffers(cfg, q, lax.dynamic_index_in_dim(k_all, index, keepdims=False),
+                                  lax.dynamic_index_in_dim(v_all, index, keepdims=False), bounds, attention_impl)
+            return out, (k_all, v_all)
 
         x, (k_stack, v_stack) = _block(cfg, inv_freq, x, p, position[:, None], attend)
         return x, k_stack, v_stack

@@ -269,7 +269,7 @@ def generate_from_params(params: Params, model_cfg: ModelConfig, prompt_tokens: 
         may_truncate=controls_may_truncate(*(_concrete(c) for c in controls), model_cfg.vocab_size),
         # Phases of live-length attention on the jnp path; the kernel bounds rows by itself.
         windows=attention_windows(prompt_width, prompt_width + budget, phased=attention_impl == "reference"),
-        layer_loop=choose_layer_loop(cfg.layer_loop, attention_impl, prompt_width + budget),
+        layer_loop=choose_layer_loop(cfg.layer_loop, attention_impl, prompt_width + budget, model_cfg.num_layers),
     )
     is_stop_token = np.zeros((model_cfg.vocab_size,), bool)
     is_stop_token[list(stop_ids)] = True
