@@ -200,3 +200,17 @@ def test_cpu_threads_reach_the_rollout_backend(tiny_model_dir, tmp_path):
         backend_module.generate_from_params = original
     assert result.stop_reason == "completed"
     assert (1, 2) in calls and all(rows == 1 for rows, _ in calls[:2])  # the step's 2 prompts, 1 per call
+
+
+def test_auto_cpu_threads_keep_one_call_for_the_overlapped_loop(tiny_model_dir, tmp_path):
+    """sampling.cpu_threads=0 (auto) reaches the backend as auto, except with
+    rl.rollout_staleness=1, whose overlap needs a sampler that returns at once: one call there.
+    An explicit count is passed through either way."""
+    from jaxrl.wiring import sampling_config
+
+    cfg = tiny_config(tiny_model_dir, str(tmp_path))
+    assert cfg.sampling.cpu_threads == 0 and sampling_config(cfg).cpu_threads == 0
+    cfg.rl.rollout_staleness = 1
+    assert sampling_config(cfg).cpu_threads == 1
+    cfg.sampling.cpu_threads = 2
+    assert sampling_config(cfg).cpu_threads == 2

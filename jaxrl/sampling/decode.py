@@ -15,8 +15,8 @@ Layer loop (:func:`choose_layer_loop`), a trade between compile time and speed o
 * "rolled": a ``fori_loop`` over the layers with stacked weights and caches: one layer body in
   the program, but XLA copies each layer's live cache slice before its attention dot. On the
   28-layer bench shape at 192 slots (a short call, where compile time is a large share) it
-  compiles in 1.3 s instead of 4.5 s and runs +9% (one thread) to -10% (two threads) against
-  "unrolled"; on 4 layers it saves only ~0.3 s of compile for -6..-25%; at 320-1,088 slots it
+  compiles in 1.3 s instead of 4.5 s and runs -14%..+9% (one thread) and -10% (two threads)
+  against "unrolled"; on 4 layers it saves only ~0.3 s of compile for -6..-25%; at 320-1,088 slots it
   is 8-30% slower (BENCHMARKS.md, issue 15 session 5). "auto" picks it on the jnp path for
   models of >= ``ROLLED_MIN_LAYERS`` layers and caches of <= ``ROLLED_MAX_SLOTS`` slots.
 
@@ -109,9 +109,7 @@ def split_cache(cache: jax.Array, slots: int) -> tuple[jax.Array, ...]:
 
 
 def stack_cache(cache: jax.Array) -> jax.Array:
-    """[L, B, K, S, hd] -> [L, B * K, S, hd] (a stacked cache passes through unchanged)."""
-    if cache.ndim == 4:
-        return cache
+    """[L, B, K, S, hd] -> [L, B * K, S, hd] (the rolled loop's layout)."""
     layers, rows, heads, slots, head_dim = cache.shape
     return cache.reshape(layers, rows * heads, slots, head_dim)
 
@@ -207,8 +205,7 @@ def decode_hidden_rolled(params: Params, cfg: ModelConfig, token: jax.Array, pos
         x, (k_stack, v_stack) = _block(cfg, inv_freq, x, p, position[:, None], attend)
         return x, k_stack, v_stack
 
-    num_layers = jax.tree_util.tree_leaves(blocks)[0].shape[0]
-    x, k_stack, v_stack = lax.fori_loop(0, num_layers, layer, (embed(params, cfg, token[:, None]), k_stack, v_stack))
+    x, k_stack, v_stack = lax.fori_loop(0, cfg.num_layers, layer, (embed(params, cfg, token[:, None]), k_stack, v_stack))
     return rms_norm(x[:, 0], params["final_norm"], cfg.rms_norm_eps), k_stack, v_stack
 
 
@@ -293,8 +290,8 @@ def decode_loop(params: Params, cfg: ModelConfig, k_cache: jax.Array, v_cache: j
     for phase, window in enumerate(windows):
         # The phase's buffers hold exactly ``window`` slots: attention reads whole buffers.
         if rolled:
-            source = (k_cache, v_cache) if phase == 0 else (state["k"], state["v"])
-            k_stack, v_stack = (_resize(stack_cache(c), window, axis=2) for c in source)
+            source = (stack_cache(k_cache), stack_cache(v_cache)) if phase == 0 else (state["k"], state["v"])
+            k_stack, v_stack = (_resize(c, window, axis=2) for c in source)
             state = dict(state, k=k_stack, v=v_stack)
         elif phase == 0:
             state = dict(state, k=split_cache(k_cache, window), v=split_cache(v_cache, window))
