@@ -8,7 +8,7 @@ import pytest
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.transformer import (decoder_hidden, decoder_hidden_with_cache, init_kv_cache,
                                       init_params, logits_from_hidden, positions_from_mask)
-from benchmarks.compile_time import compile_seconds, tiny_config
+from benchmarks.compile_time import compile_seconds, llvm_kernels, tiny_config
 
 
 def test_cached_prefill_and_decode_equal_full_forward():
@@ -77,3 +77,14 @@ def test_from_hf_errors_name_the_key(tmp_path):
         ModelConfig.from_hf({"model_type": "llama", "vocab_size": 3})
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ModelConfig.from_hf(str(tmp_path / "nowhere"))
+
+
+def test_rolled_engine_emits_the_same_llvm_kernels_at_any_depth():
+    """benchmarks/compile_time.py --count-kernels (the compile-time proxy in BENCHMARKS.md)
+    counts the engine's XLA:CPU kernels: the rolled decode loop holds one layer body, so 2 and
+    6 layers emit the same kernels, where the unrolled loop emits more at 6 layers than at 2."""
+    sizes = dict(new_tokens=8, prompts_n=1, samples=2)
+    counts = {(loop, layers): llvm_kernels("small", layer_loop=loop, num_layers=layers, **sizes)
+              for loop in ("rolled", "unrolled") for layers in (2, 6)}
+    assert counts["rolled", 2] == counts["rolled", 6], counts
+    assert counts["unrolled", 6] > counts["unrolled", 2], counts
