@@ -84,11 +84,13 @@ def test_elastic_pool_replies_in_order_and_contains_hangs_and_crashes():
         assert replies[1][0] == "timeout" and replies[2] == ("error", "ValueError: bad")
         assert replies[3][0] == "error" and "WorkerDied" in replies[3][1]
         assert len(pool.workers) == 2  # spares forked for the stalled call were ended
-        # Eight sleeping calls on two workers: the stalled ones are joined by spares (forked
-        # children beyond the initial two and the replacements above).
+        # Eight sleeping calls on two workers: once both have been busy for stall_s (0.05 s of
+        # a 0.3 s call) with calls still waiting, two spares are forked. More spares follow only
+        # if the first ones warm up and stall before the originals finish, which depends on the
+        # machine's load, so only the first two are asserted.
         forks = pool.forks
         replies = pool.run([("sleep", 0.3)] * 8, 5.0)
-        assert replies == [("ok", 0.3)] * 8 and pool.forks - forks >= 4
+        assert replies == [("ok", 0.3)] * 8 and pool.forks - forks >= 2
     finally:
         pool.close()
 

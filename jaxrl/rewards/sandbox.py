@@ -335,6 +335,9 @@ class ElasticPool:
         for worker in self.workers[self.size:]:  # idle spares
             worker.child.kill()
         del self.workers[self.size:]
+        # A child dropped in the last round (a timeout) is replaced now, so its replacement
+        # warms up before the next call instead of during it.
+        self._top_up(time.monotonic(), False)
         return replies
 
     def _receive(self, worker: _PoolWorker, replies: list) -> None:
