@@ -59,7 +59,8 @@ jax.monitoring.register_event_duration_secs_listener(lambda name, secs, **_: _EV
 
 
 def sampler_first_call(shape: str, new_tokens: int = 128, prompts_n: int = 8, samples: int = 8,
-                       layer_loop: str = "auto", num_layers: int | None = None) -> tuple[int, float, float, float]:
+                       layer_loop: str = "auto", num_layers: int | None = None
+                       ) -> tuple[int, float, float, float, float]:
     """(programs compiled, trace s, lower s, backend-compile s, wall s) of the engine's first
     call on the ``bench_sampling`` shape ``shape`` (64-token prompts, no stop; ``num_layers``
     overrides the shape's depth)."""
